@@ -1,0 +1,191 @@
+//! The two encodings a Bazel-protocol worker speaks: delimited protobuf and
+//! protobuf's JSON mapping. Both turn input into whole `WorkRequest`s and a
+//! `WorkResponse` into one buffer that is written with a single call.
+
+use std::io::BufRead;
+
+use protobuf::Message;
+
+use super::framing::{self, FrameError};
+use super::json;
+use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
+
+/// Chosen with `--worker-protocol`; Bazel tells the worker nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    Proto,
+    Json,
+}
+
+impl std::str::FromStr for WireFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "proto" => Ok(WireFormat::Proto),
+            "json" => Ok(WireFormat::Json),
+            other => Err(format!(
+                "unknown worker protocol '{other}' (expected proto or json)"
+            )),
+        }
+    }
+}
+
+impl WireFormat {
+    /// Reads and decodes the next request; `Ok(None)` at a clean end of input.
+    pub fn read_request(
+        self,
+        input: &mut impl BufRead,
+        max: usize,
+    ) -> Result<Option<WorkRequest>, FrameError> {
+        match self {
+            WireFormat::Proto => match framing::read_frame(input, max)? {
+                None => Ok(None),
+                Some(bytes) => WorkRequest::parse_from_bytes(&bytes)
+                    .map(Some)
+                    .map_err(|e| FrameError::Malformed(e.to_string())),
+            },
+            WireFormat::Json => match json::read_object(input, max)? {
+                None => Ok(None),
+                Some(bytes) => {
+                    let text = std::str::from_utf8(&bytes)
+                        .map_err(|e| FrameError::Malformed(format!("JSON is not UTF-8: {e}")))?;
+                    let options = protobuf_json_mapping::ParseOptions {
+                        ignore_unknown_fields: true,
+                        ..Default::default()
+                    };
+                    protobuf_json_mapping::parse_from_str_with_options(text, &options)
+                        .map(Some)
+                        .map_err(|e| FrameError::Malformed(format!("{e} in {text}")))
+                }
+            },
+        }
+    }
+
+    /// One response, ready to write: a delimited frame, or one JSON line.
+    pub fn encode_response(self, response: &WorkResponse) -> Vec<u8> {
+        match self {
+            WireFormat::Proto => {
+                // Writing to a Vec cannot fail; an empty message is the
+                // fallback that still keeps the stream framed.
+                framing::encode_frame(&response.write_to_bytes().unwrap_or_default())
+            }
+            WireFormat::Json => {
+                let mut line = protobuf_json_mapping::print_to_string(response)
+                    .unwrap_or_else(|_| "{}".to_owned());
+                line.push('\n');
+                line.into_bytes()
+            }
+        }
+    }
+
+    /// Encodes a request the way a client does (used by tests and clients).
+    pub fn encode_request(self, request: &WorkRequest) -> Vec<u8> {
+        match self {
+            WireFormat::Proto => {
+                framing::encode_frame(&request.write_to_bytes().unwrap_or_default())
+            }
+            WireFormat::Json => {
+                let mut line = protobuf_json_mapping::print_to_string(request)
+                    .unwrap_or_else(|_| "{}".to_owned());
+                line.push('\n');
+                line.into_bytes()
+            }
+        }
+    }
+
+    /// Decodes a response the way a client does (used by tests and clients).
+    pub fn read_response(
+        self,
+        input: &mut impl BufRead,
+        max: usize,
+    ) -> Result<Option<WorkResponse>, FrameError> {
+        match self {
+            WireFormat::Proto => match framing::read_frame(input, max)? {
+                None => Ok(None),
+                Some(bytes) => WorkResponse::parse_from_bytes(&bytes)
+                    .map(Some)
+                    .map_err(|e| FrameError::Malformed(e.to_string())),
+            },
+            WireFormat::Json => match json::read_object(input, max)? {
+                None => Ok(None),
+                Some(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let options = protobuf_json_mapping::ParseOptions {
+                        ignore_unknown_fields: true,
+                        ..Default::default()
+                    };
+                    protobuf_json_mapping::parse_from_str_with_options(&text, &options)
+                        .map(Some)
+                        .map_err(|e| FrameError::Malformed(format!("{e} in {text}")))
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufReader;
+
+    fn json_request(text: &str) -> WorkRequest {
+        WireFormat::Json
+            .read_request(&mut BufReader::new(text.as_bytes()), 1 << 20)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn json_accepts_both_name_styles_and_ignores_unknown_fields() {
+        let camel = json_request(
+            r#"{"arguments":["a"],"requestId":7,"sandboxDir":"s","future":{"x":[1]}}"#,
+        );
+        let snake = json_request(r#"{"arguments":["a"],"request_id":7,"sandbox_dir":"s"}"#);
+        assert_eq!(camel, snake);
+        assert_eq!(camel.request_id, 7);
+        assert_eq!(camel.sandbox_dir, "s");
+    }
+
+    #[test]
+    fn json_missing_fields_take_defaults() {
+        let request = json_request("{}");
+        assert_eq!(request, WorkRequest::new());
+    }
+
+    #[test]
+    fn json_response_is_one_camel_case_line_without_zero_id() {
+        let mut response = WorkResponse::new();
+        response.exit_code = 2;
+        response.output = "line one\nline two".into();
+        let bytes = WireFormat::Json.encode_response(&response);
+        let text = String::from_utf8(bytes).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(
+            text.contains("\"exitCode\": 2") || text.contains("\"exitCode\":2"),
+            "{text}"
+        );
+        assert!(!text.contains("requestId"), "{text}");
+    }
+
+    #[test]
+    fn proto_round_trip() {
+        let mut request = WorkRequest::new();
+        request.arguments = vec!["x".into()];
+        request.request_id = 3;
+        let bytes = WireFormat::Proto.encode_request(&request);
+        let got = WireFormat::Proto
+            .read_request(&mut BufReader::new(&bytes[..]), 1 << 20)
+            .unwrap();
+        assert_eq!(got, Some(request));
+    }
+
+    #[test]
+    fn undecodable_proto_is_malformed() {
+        let frame = framing::encode_frame(&[0xff, 0xff, 0xff]);
+        let err = WireFormat::Proto
+            .read_request(&mut BufReader::new(&frame[..]), 1 << 20)
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
+    }
+}

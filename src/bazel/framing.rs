@@ -1,0 +1,245 @@
+//! Length-delimited frames: each message preceded by its length as an
+//! unsigned LEB128 varint (protobuf's "delimited" format), written by hand so
+//! that every limit is ours to choose and test.
+
+use std::fmt;
+use std::io::{self, Read};
+
+/// A 32-bit length never needs more than 5 varint bytes.
+pub const MAX_VARINT_BYTES: usize = 5;
+
+/// Default largest frame accepted (`--max-message-bytes`).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Why the input stream cannot be read as frames. Every variant is fatal for
+/// the stream: after it, frame boundaries are unknown.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The varint ran past 5 bytes or past 32 bits.
+    VarintTooLong,
+    /// Declared length above the configured maximum.
+    TooLarge {
+        length: u64,
+        max: usize,
+    },
+    /// The stream ended inside a frame.
+    Truncated {
+        expected: usize,
+        got: usize,
+    },
+    /// The bytes of a complete frame are not a valid message.
+    Malformed(String),
+    Io(io::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::VarintTooLong => {
+                write!(f, "frame length varint is longer than {MAX_VARINT_BYTES} bytes or 32 bits")
+            }
+            FrameError::TooLarge { length, max } => write!(
+                f,
+                "frame of {length} bytes is larger than the limit of {max} bytes (--max-message-bytes)"
+            ),
+            FrameError::Truncated { expected, got } => write!(
+                f,
+                "input ended inside a frame: expected {expected} bytes, got {got}"
+            ),
+            FrameError::Malformed(why) => write!(f, "undecodable message: {why}"),
+            FrameError::Io(e) => write!(f, "reading input: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Appends `value` as a varint.
+pub fn encode_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// `payload` with its length prefix, ready to be written in one call.
+pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + MAX_VARINT_BYTES);
+    encode_varint(payload.len() as u64, &mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Decodes a varint at the start of `bytes`: `Ok(None)` if more bytes are
+/// needed, else the value and how many bytes it took.
+pub fn decode_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, FrameError> {
+    let mut value: u64 = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        if i == MAX_VARINT_BYTES {
+            return Err(FrameError::VarintTooLong);
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return u32::try_from(value)
+                .map(|v| Some((v, i + 1)))
+                .map_err(|_| FrameError::VarintTooLong);
+        }
+    }
+    if bytes.len() >= MAX_VARINT_BYTES {
+        return Err(FrameError::VarintTooLong);
+    }
+    Ok(None)
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of input at a frame boundary.
+pub fn read_frame(input: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut prefix = Vec::with_capacity(MAX_VARINT_BYTES);
+    let length = loop {
+        let mut byte = [0u8];
+        match read_some(input, &mut byte)? {
+            0 if prefix.is_empty() => return Ok(None),
+            0 => {
+                return Err(FrameError::Truncated {
+                    expected: prefix.len() + 1,
+                    got: prefix.len(),
+                })
+            }
+            _ => prefix.push(byte[0]),
+        }
+        if let Some((length, _)) = decode_varint(&prefix)? {
+            break length as usize;
+        }
+    };
+    if length > max {
+        return Err(FrameError::TooLarge {
+            length: length as u64,
+            max,
+        });
+    }
+    let mut payload = vec![0u8; length];
+    let mut got = 0;
+    while got < length {
+        match read_some(input, &mut payload[got..])? {
+            0 => {
+                return Err(FrameError::Truncated {
+                    expected: length,
+                    got,
+                })
+            }
+            n => got += n,
+        }
+    }
+    Ok(Some(payload))
+}
+
+fn read_some(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
+    loop {
+        match input.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map_err(FrameError::Io),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 3 << 20;
+
+    fn round_trip(length: usize) -> Result<Option<Vec<u8>>, FrameError> {
+        let payload: Vec<u8> = (0..length).map(|i| i as u8).collect();
+        let frame = encode_frame(&payload);
+        let mut input = &frame[..];
+        let got = read_frame(&mut input, LIMIT)?;
+        assert!(input.is_empty(), "frame of {length} not fully consumed");
+        assert_eq!(got.as_deref(), Some(&payload[..]));
+        Ok(got)
+    }
+
+    #[test]
+    fn lengths_round_trip_at_every_varint_boundary() {
+        for length in [0, 1, 127, 128, 16383, 16384, 1 << 21, LIMIT] {
+            round_trip(length).unwrap_or_else(|e| panic!("length {length}: {e}"));
+        }
+    }
+
+    #[test]
+    fn varint_sizes_are_minimal() {
+        for (value, bytes) in [
+            (0u64, 1),
+            (127, 1),
+            (128, 2),
+            (16383, 2),
+            (16384, 3),
+            (1 << 21, 4),
+            (u32::MAX as u64, 5),
+        ] {
+            let mut out = Vec::new();
+            encode_varint(value, &mut out);
+            assert_eq!(out.len(), bytes, "value {value}");
+            assert_eq!(decode_varint(&out).unwrap(), Some((value as u32, bytes)));
+        }
+    }
+
+    #[test]
+    fn limit_plus_one_is_rejected_before_reading_the_payload() {
+        let mut prefix = Vec::new();
+        encode_varint(LIMIT as u64 + 1, &mut prefix);
+        let err = read_frame(&mut &prefix[..], LIMIT).unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { length, max } if length == LIMIT as u64 + 1 && max == LIMIT)
+        );
+    }
+
+    #[test]
+    fn clean_eof_is_none() {
+        assert!(read_frame(&mut &b""[..], LIMIT).unwrap().is_none());
+    }
+
+    #[test]
+    fn truncated_varint_is_an_error() {
+        let err = read_frame(&mut &[0x80u8, 0x80][..], LIMIT).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated { .. }), "{err:?}");
+        assert_eq!(decode_varint(&[0x80, 0x80]).unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_payload_is_an_error() {
+        let mut frame = encode_frame(b"hello world");
+        frame.truncate(6);
+        let err = read_frame(&mut &frame[..], LIMIT).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::Truncated {
+                    expected: 11,
+                    got: 5
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn six_byte_varint_is_rejected() {
+        let bytes = [0x81u8, 0x80, 0x80, 0x80, 0x80, 0x00];
+        assert!(matches!(
+            decode_varint(&bytes),
+            Err(FrameError::VarintTooLong)
+        ));
+        let err = read_frame(&mut &bytes[..], LIMIT).unwrap_err();
+        assert!(matches!(err, FrameError::VarintTooLong), "{err:?}");
+    }
+
+    #[test]
+    fn five_byte_varint_over_32_bits_is_rejected() {
+        // 0x1f in the fifth byte sets bit 32.
+        let bytes = [0xffu8, 0xff, 0xff, 0xff, 0x1f];
+        assert!(matches!(
+            decode_varint(&bytes),
+            Err(FrameError::VarintTooLong)
+        ));
+    }
+}

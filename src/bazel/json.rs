@@ -1,0 +1,129 @@
+//! Splits a byte stream into top-level JSON objects. Bazel writes one object
+//! per line, older versions with nothing between objects, and a remote
+//! executor may add any whitespace: so objects are found by matching braces
+//! (outside strings), not by reading lines. The protobuf JSON mapping itself
+//! is left to `protobuf-json-mapping`.
+
+use std::io::BufRead;
+
+use super::framing::FrameError;
+
+/// Reads the next top-level object's bytes. `Ok(None)` is end of input with
+/// only whitespace since the last object.
+pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut object = Vec::new();
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(FrameError::Io(e)),
+        };
+        if buf.is_empty() {
+            return if object.is_empty() {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated {
+                    expected: object.len() + 1,
+                    got: object.len(),
+                })
+            };
+        }
+        let mut used = 0;
+        let mut complete = false;
+        for &byte in buf {
+            used += 1;
+            if depth == 0 {
+                if byte.is_ascii_whitespace() {
+                    continue;
+                }
+                if byte != b'{' {
+                    return Err(FrameError::Malformed(format!(
+                        "expected a JSON object, found {:?}",
+                        char::from(byte)
+                    )));
+                }
+            }
+            object.push(byte);
+            if in_string {
+                match (escaped, byte) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth == 0 {
+                complete = true;
+                break;
+            }
+        }
+        input.consume(used);
+        if object.len() > max {
+            return Err(FrameError::TooLarge {
+                length: object.len() as u64,
+                max,
+            });
+        }
+        if complete {
+            return Ok(Some(object));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(input: &str) -> Result<Vec<String>, FrameError> {
+        let mut reader = std::io::BufReader::with_capacity(3, input.as_bytes());
+        let mut out = Vec::new();
+        while let Some(obj) = read_object(&mut reader, 1 << 20)? {
+            out.push(String::from_utf8(obj).unwrap());
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn objects_with_and_without_separators() {
+        let got = objects("{\"a\":1}\n{\"b\":[1,{\"c\":2}]}{\"d\":3}  \r\n\t{}\n").unwrap();
+        assert_eq!(
+            got,
+            ["{\"a\":1}", "{\"b\":[1,{\"c\":2}]}", "{\"d\":3}", "{}"]
+        );
+    }
+
+    #[test]
+    fn braces_and_quotes_inside_strings_do_not_count() {
+        let text = r#"{"arguments":["}{","a\"}b","\\"]}"#;
+        assert_eq!(objects(text).unwrap(), [text]);
+    }
+
+    #[test]
+    fn truncated_object_and_garbage_are_errors() {
+        assert!(matches!(
+            objects("{\"a\":"),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(objects("[1]"), Err(FrameError::Malformed(_))));
+        assert!(matches!(objects("{} x"), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn oversize_object_is_rejected() {
+        let mut reader = std::io::BufReader::new(&b"{\"a\":\"0123456789\"}"[..]);
+        assert!(matches!(
+            read_object(&mut reader, 8),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}

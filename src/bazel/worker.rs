@@ -1,0 +1,175 @@
+//! The Bazel worker loop. Requests enter in [`serve`] on the reading thread,
+//! run on the pool, and their responses leave through [`ResponseWriter`] from
+//! the pool thread that finished them.
+//!
+//! Request id 0 is singleplex: the loop waits for each response before
+//! reading on, so requests run one at a time and in order. Non-zero ids are
+//! multiplex: every request is dispatched at once and answered when done.
+//! Either way the id is echoed, because old Bazel versions send non-zero ids
+//! to singleplex workers too.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::bounded;
+
+use super::codec::WireFormat;
+use super::framing::FrameError;
+use super::sandbox;
+use crate::pool::Pool;
+use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
+use crate::request::{lock, CancelToken, Handler, Request, Response};
+
+/// How the loop reads and writes, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub format: WireFormat,
+    pub max_message_bytes: usize,
+    /// The worker's cwd: Bazel's execution root, the base of `sandbox_dir`.
+    pub cwd: PathBuf,
+}
+
+/// Writes whole responses, one at a time. Once the stream has failed it is
+/// closed, so nothing more (in particular no partial frame) reaches stdout.
+pub struct ResponseWriter {
+    format: WireFormat,
+    out: Mutex<Option<Box<dyn Write + Send>>>,
+}
+
+impl ResponseWriter {
+    pub fn new(format: WireFormat, out: Box<dyn Write + Send>) -> ResponseWriter {
+        ResponseWriter {
+            format,
+            out: Mutex::new(Some(out)),
+        }
+    }
+
+    /// Encodes first, then writes and flushes under the lock, so concurrent
+    /// responses never interleave.
+    pub fn send(&self, response: &WorkResponse) {
+        let bytes = self.format.encode_response(response);
+        let mut out = lock(&self.out);
+        if let Some(stream) = out.as_mut() {
+            if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
+                // The client is gone; it will not read anything else either.
+                eprintln!("worker: cannot write response {}: {e}", response.request_id);
+                out.take();
+            }
+        }
+    }
+
+    /// Stops all further output; responses finishing later are dropped.
+    pub fn close(&self) {
+        lock(&self.out).take();
+    }
+}
+
+/// Serves requests from `input` until end of input, then finishes the requests
+/// in flight, writes their responses and returns. A stream that cannot be
+/// read as requests returns the error at once, with output already closed.
+pub fn serve(
+    handler: Arc<dyn Handler>,
+    pool: Pool,
+    config: &Config,
+    mut input: impl BufRead,
+    output: Box<dyn Write + Send>,
+) -> Result<(), FrameError> {
+    let writer = Arc::new(ResponseWriter::new(config.format, output));
+    let in_flight: Arc<Mutex<HashMap<i32, CancelToken>>> = Arc::default();
+    loop {
+        let work = match config
+            .format
+            .read_request(&mut input, config.max_message_bytes)
+        {
+            Ok(Some(work)) => work,
+            Ok(None) => break,
+            Err(e) => {
+                writer.close();
+                return Err(e);
+            }
+        };
+        let id = work.request_id;
+        if work.verbosity > 0 {
+            log_request(&work);
+        }
+        if work.cancel {
+            match lock(&in_flight).get(&id) {
+                Some(token) => token.cancel(),
+                None if work.verbosity > 0 => {
+                    eprintln!("worker: cancel for request {id} ignored: it is not in flight")
+                }
+                None => {}
+            }
+            continue;
+        }
+        let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
+            Ok(dir) => dir,
+            Err(e) => {
+                eprintln!("worker: request {id}: {e}");
+                writer.send(&to_wire(id, Response::error(1, format!("worker: {e}\n"))));
+                continue;
+            }
+        };
+        let mut request = Request::new(work.arguments, workdir);
+        request.verbosity = work.verbosity;
+        {
+            let mut table = lock(&in_flight);
+            if table.contains_key(&id) {
+                drop(table);
+                let e = format!("request id {id} is already in flight; ids must be unique");
+                eprintln!("worker: {e}");
+                writer.send(&to_wire(id, Response::error(1, format!("worker: {e}\n"))));
+                continue;
+            }
+            table.insert(id, request.cancel.clone());
+        }
+        let (done_tx, done_rx) = bounded::<()>(1);
+        let writer = Arc::clone(&writer);
+        let table = Arc::clone(&in_flight);
+        pool.submit(Arc::clone(&handler), request, move |response| {
+            // Leave the table before answering: once the client has the
+            // response it may reuse the id.
+            lock(&table).remove(&id);
+            writer.send(&to_wire(id, response));
+            let _ = done_tx.send(());
+        });
+        if id == 0 {
+            // A dropped sender (pool gone) also ends the wait.
+            let _ = done_rx.recv();
+        }
+    }
+    pool.join();
+    Ok(())
+}
+
+fn to_wire(id: i32, response: Response) -> WorkResponse {
+    let mut wire = WorkResponse::new();
+    wire.request_id = id;
+    wire.exit_code = response.exit_code;
+    wire.was_cancelled = response.cancelled;
+    wire.output = format!(
+        "Bazel persistent worker {} {id}\n{}",
+        crate::process::identity(),
+        response.output
+    );
+    wire
+}
+
+fn log_request(work: &WorkRequest) {
+    eprintln!(
+        "worker: request {}{}: {} argument(s), {} input(s), verbosity {}{}: {:?}",
+        work.request_id,
+        if work.cancel { " (cancel)" } else { "" },
+        work.arguments.len(),
+        work.inputs.len(),
+        work.verbosity,
+        if work.sandbox_dir.is_empty() {
+            String::new()
+        } else {
+            format!(", sandbox {}", work.sandbox_dir)
+        },
+        work.arguments,
+    );
+}

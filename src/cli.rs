@@ -1,0 +1,276 @@
+//! The command line: which mode to run and with which options.
+//!
+//! Argument files in the worker's own argv are expanded first, because
+//! Buck2, Bazel and remote executors all may hand worker options over that
+//! way, and `--persistent_worker` may stand anywhere, even inside one.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::argfile;
+use crate::bazel::framing::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::bazel::WireFormat;
+
+pub const USAGE: &str = "\
+usage: persistent-worker [OPTIONS] --persistent_worker    Bazel-protocol worker on stdin/stdout
+       WORKER_SOCKET=PATH persistent-worker [OPTIONS]     Buck2 worker (gRPC on a Unix socket)
+       persistent-worker [OPTIONS] ARGS...                run one request and exit (one-shot)
+
+Arguments may come from files: @FILE, --flagfile=FILE, -flagfile=FILE.
+
+options:
+  --concurrency N            requests run at once (default: available parallelism)
+  --worker-protocol FORMAT   Bazel framing: proto (default) or json
+  --work-ms N                demo tool: simulated work per request (default 0)
+  --max-message-bytes N      Bazel: largest request accepted (default 67108864)
+  --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
+                             after SIGTERM/SIGINT (default 2000)
+  -h, --help                 print this help
+  -V, --version              print the version
+";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// `WORKER_SOCKET` was set: serve Buck2's gRPC protocol there.
+    Buck2 { socket: PathBuf },
+    /// `--persistent_worker`: serve Bazel's protocol on stdin/stdout.
+    Bazel,
+    /// Neither: run the request in `Options::request_args` and exit.
+    OneShot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub mode: Mode,
+    pub concurrency: usize,
+    pub wire_format: WireFormat,
+    pub work: Duration,
+    pub max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+    /// One-shot only: the request's arguments, already expanded.
+    pub request_args: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(Options),
+    Help,
+    Version,
+}
+
+/// Parses argv (without the program name). `worker_socket` is the value of
+/// `WORKER_SOCKET`; `cwd` is where argument files of the argv resolve.
+/// Errors are messages for stderr; the caller exits with code 2.
+pub fn parse(
+    args: Vec<OsString>,
+    worker_socket: Option<OsString>,
+    cwd: &Path,
+) -> Result<Command, String> {
+    let args = args
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| format!("argument {a:?} is not valid UTF-8"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let args = argfile::expand(&args, cwd).map_err(|e| e.to_string())?;
+    let mode = match worker_socket.filter(|s| !s.is_empty()) {
+        Some(socket) => Mode::Buck2 {
+            socket: PathBuf::from(socket),
+        },
+        None if args.iter().any(|a| a == "--persistent_worker") => Mode::Bazel,
+        None => Mode::OneShot,
+    };
+    let mut options = Options {
+        mode,
+        concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        wire_format: WireFormat::Proto,
+        work: Duration::ZERO,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        shutdown_grace: Duration::from_millis(2000),
+        request_args: Vec::new(),
+    };
+    let one_shot = options.mode == Mode::OneShot;
+
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(&args);
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("persistent_worker") => {}
+            Long("concurrency") => {
+                options.concurrency = number(&mut parser, "--concurrency")?;
+                if options.concurrency == 0 {
+                    return Err("--concurrency must be at least 1".to_owned());
+                }
+            }
+            Long("worker-protocol") => options.wire_format = text(&mut parser)?.parse()?,
+            Long("work-ms") => {
+                options.work = Duration::from_millis(number(&mut parser, "--work-ms")?)
+            }
+            Long("max-message-bytes") => {
+                options.max_message_bytes = number(&mut parser, "--max-message-bytes")?
+            }
+            Long("shutdown-grace-ms") => {
+                options.shutdown_grace =
+                    Duration::from_millis(number(&mut parser, "--shutdown-grace-ms")?)
+            }
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            // Anything else belongs to the one-shot request; a worker takes
+            // its requests from the protocol, so there it is a mistake.
+            Value(v) if one_shot => options.request_args.push(os_text(v)?),
+            Long(name) if one_shot => {
+                let name = format!("--{name}");
+                match parser.optional_value() {
+                    Some(v) => options.request_args.push(format!("{name}={}", os_text(v)?)),
+                    None => options.request_args.push(name),
+                }
+            }
+            Short(c) if one_shot => options.request_args.push(format!("-{c}")),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    // The request is expanded again when it runs; keep literal `@x` literal.
+    options.request_args = argfile::escape(options.request_args);
+    Ok(Command::Run(options))
+}
+
+fn os_text(value: OsString) -> Result<String, String> {
+    value
+        .into_string()
+        .map_err(|v| format!("argument {v:?} is not valid UTF-8"))
+}
+
+fn text(parser: &mut lexopt::Parser) -> Result<String, String> {
+    os_text(parser.value().map_err(|e| e.to_string())?)
+}
+
+fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let value = text(parser)?;
+    value
+        .parse()
+        .map_err(|e| format!("invalid value '{value}' for {flag}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], socket: Option<&str>, cwd: &Path) -> Result<Command, String> {
+        parse(
+            args.iter().map(OsString::from).collect(),
+            socket.map(OsString::from),
+            cwd,
+        )
+    }
+
+    fn options(args: &[&str], socket: Option<&str>) -> Options {
+        match run(args, socket, Path::new(".")) {
+            Ok(Command::Run(options)) => options,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(options(&["out"], None).mode, Mode::OneShot);
+        assert_eq!(
+            options(&["--work-ms", "5", "--persistent_worker"], None).mode,
+            Mode::Bazel
+        );
+        assert_eq!(
+            options(&["--persistent_worker"], Some("/tmp/s")).mode,
+            Mode::Buck2 {
+                socket: "/tmp/s".into()
+            }
+        );
+        assert_eq!(options(&[], Some("")).mode, Mode::OneShot);
+    }
+
+    #[test]
+    fn worker_options() {
+        let o = options(
+            &[
+                "--concurrency=3",
+                "--worker-protocol",
+                "json",
+                "--work-ms",
+                "250",
+                "--persistent_worker",
+            ],
+            None,
+        );
+        assert_eq!(o.concurrency, 3);
+        assert_eq!(o.wire_format, WireFormat::Json);
+        assert_eq!(o.work, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn options_and_mode_may_come_from_an_argfile() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("flags"),
+            "--concurrency\n2\n--persistent_worker\n",
+        )
+        .unwrap();
+        match run(&["@flags"], None, d.path()) {
+            Ok(Command::Run(o)) => {
+                assert_eq!(o.mode, Mode::Bazel);
+                assert_eq!(o.concurrency, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn worker_mode_rejects_unknown_options_and_positionals() {
+        for args in [
+            &["--bogus", "--persistent_worker"][..],
+            &["out", "--persistent_worker"][..],
+        ] {
+            assert!(run(args, None, Path::new(".")).is_err(), "{args:?}");
+        }
+        assert!(run(
+            &["--concurrency", "0", "--persistent_worker"],
+            None,
+            Path::new(".")
+        )
+        .is_err());
+        assert!(run(
+            &["--worker-protocol", "xml", "--persistent_worker"],
+            None,
+            Path::new(".")
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn one_shot_passes_unknown_arguments_to_the_request() {
+        let o = options(
+            &[
+                "--work-ms",
+                "1",
+                "--panic",
+                "--print-stdout=hi",
+                "out",
+                "@@lit",
+            ],
+            None,
+        );
+        assert_eq!(o.work, Duration::from_millis(1));
+        assert_eq!(
+            o.request_args,
+            ["--panic", "--print-stdout=hi", "out", "@@lit"]
+        );
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(run(&["--help"], None, Path::new(".")), Ok(Command::Help));
+        assert_eq!(run(&["-V"], None, Path::new(".")), Ok(Command::Version));
+    }
+}

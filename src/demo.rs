@@ -1,0 +1,169 @@
+//! The demo tool: one [`Handler`] with the behaviour of Buck2's persistent
+//! worker example. Each request names one OUTFILE; the tool writes
+//! `basename(OUTFILE)` and a newline to it, after simulated work that a
+//! cancel or timeout interrupts.
+//!
+//! Two fault-injection flags exist so tests and users can watch the worker
+//! survive a misbehaving tool: `--panic` and `--print-stdout TEXT`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::request::{Handler, Request, Response};
+
+pub const USAGE: &str = "usage: [--work-ms N] [--panic] [--print-stdout TEXT] OUTFILE
+writes the file name of OUTFILE and a newline to OUTFILE\n";
+
+/// The demo tool with its start-up configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Demo {
+    /// Simulated work per request (`--work-ms`).
+    pub work: Duration,
+}
+
+struct DemoArgs {
+    outfile: String,
+    work: Option<Duration>,
+    panic: bool,
+    print_stdout: Option<String>,
+}
+
+fn parse(args: &[String]) -> Result<DemoArgs, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut outfiles = Vec::new();
+    let mut parsed = DemoArgs {
+        outfile: String::new(),
+        work: None,
+        panic: false,
+        print_stdout: None,
+    };
+    let text = |v: std::ffi::OsString| v.into_string().map_err(|_| "argument is not UTF-8");
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("work-ms") => {
+                let ms: u64 = parser
+                    .value()
+                    .map_err(|e| e.to_string())?
+                    .parse()
+                    .map_err(|e| format!("--work-ms: {e}"))?;
+                parsed.work = Some(Duration::from_millis(ms));
+            }
+            Long("panic") => parsed.panic = true,
+            Long("print-stdout") => {
+                parsed.print_stdout = Some(text(parser.value().map_err(|e| e.to_string())?)?)
+            }
+            Value(v) => outfiles.push(text(v)?),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    match <[String; 1]>::try_from(outfiles) {
+        Ok([outfile]) => parsed.outfile = outfile,
+        Err(found) => {
+            return Err(format!("expected exactly one OUTFILE, got {}", found.len()));
+        }
+    }
+    Ok(parsed)
+}
+
+impl Handler for Demo {
+    fn handle(&self, request: &Request) -> Response {
+        let args = match parse(&request.args) {
+            Ok(args) => args,
+            Err(e) => return Response::error(2, format!("demo: {e}\n{USAGE}")),
+        };
+        if let Some(text) = &args.print_stdout {
+            stray_stdout(text);
+        }
+        if args.panic {
+            panic!("demo: --panic was given for {}", args.outfile);
+        }
+        if let Err(stop) = request.cancel.sleep(args.work.unwrap_or(self.work)) {
+            return Response::stopped(
+                stop,
+                format!("demo: stopped before writing {}\n", args.outfile),
+            );
+        }
+        let path = request.resolve(&args.outfile);
+        let name = Path::new(&args.outfile)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match std::fs::write(&path, format!("{name}\n")) {
+            Ok(()) => Response::ok(format!("demo: wrote {}\n", args.outfile)),
+            Err(e) => Response::error(1, format!("demo: cannot write {}: {e}\n", path.display())),
+        }
+    }
+}
+
+/// Writes to fd 1 both through Rust's stdout and with a raw `write(2)`, the
+/// way a careless library or C code would.
+fn stray_stdout(text: &str) {
+    println!("{text}");
+    let _ = std::io::stdout().flush();
+    let bytes = format!("{text} (raw fd 1)\n");
+    // SAFETY: writes a valid buffer of the given length to fd 1.
+    unsafe { libc::write(1, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], dir: &Path) -> Response {
+        let req = Request::new(
+            args.iter().map(|s| s.to_string()).collect(),
+            dir.to_path_buf(),
+        );
+        Demo::default().handle(&req)
+    }
+
+    #[test]
+    fn writes_basename_to_outfile() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("out")).unwrap();
+        let response = run(&["out/target.txt"], d.path());
+        assert_eq!(response.exit_code, 0, "{}", response.output);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("out/target.txt")).unwrap(),
+            "target.txt\n"
+        );
+        assert!(response.output.contains("out/target.txt"));
+    }
+
+    #[test]
+    fn wrong_argument_count_is_usage_error() {
+        let d = tempfile::tempdir().unwrap();
+        for args in [&[][..], &["a", "b"][..], &["--bogus", "a"][..]] {
+            let response = run(args, d.path());
+            assert_eq!(response.exit_code, 2, "{args:?}");
+            assert!(response.output.contains("usage:"), "{}", response.output);
+        }
+    }
+
+    #[test]
+    fn unwritable_path_is_exit_1_with_os_error() {
+        let d = tempfile::tempdir().unwrap();
+        let response = run(&["missing-dir/out"], d.path());
+        assert_eq!(response.exit_code, 1);
+        assert!(
+            response.output.contains("No such file"),
+            "{}",
+            response.output
+        );
+    }
+
+    #[test]
+    fn cancelled_work_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let req = Request::new(
+            vec!["--work-ms".into(), "60000".into(), "o".into()],
+            d.path().into(),
+        );
+        req.cancel.cancel();
+        let response = Demo::default().handle(&req);
+        assert!(response.cancelled);
+        assert!(!d.path().join("o").exists());
+    }
+}

@@ -1,0 +1,29 @@
+//! A persistent worker for Buck2 and for the Bazel worker protocol.
+//!
+//! Where a request enters, runs, and leaves:
+//!
+//! - [`cli`]: argv and `WORKER_SOCKET` → which mode, with which options.
+//! - Front ends, one per protocol; each turns wire messages into a
+//!   [`request::Request`] and the [`request::Response`] back into wire form:
+//!   - [`bazel`]: Bazel's protocol on stdin/stdout (varint frames or JSON).
+//!   - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
+//!   - [`oneshot`]: one request from the command line, then exit.
+//! - [`pool`]: the thread pool all front ends dispatch into, and `run`, the
+//!   single place a request executes (argfiles expanded, panics contained).
+//! - [`request`]: the protocol-independent request, response, cancellation
+//!   token, and the [`request::Handler`] trait a tool implements.
+//! - [`argfile`]: `@file` / `--flagfile=file` expansion.
+//! - [`demo`]: the demo tool, one `Handler`.
+//! - [`process`]: process-wide set-up (identity line, stdout protection).
+//! - [`proto`]: messages generated from `protos/`.
+
+pub mod argfile;
+pub mod bazel;
+pub mod buck2;
+pub mod cli;
+pub mod demo;
+pub mod oneshot;
+pub mod pool;
+pub mod process;
+pub mod proto;
+pub mod request;

@@ -1,0 +1,241 @@
+//! The protocol-independent request model: what every front end turns its wire
+//! message into ([`Request`]), what comes back ([`Response`]), the one trait a
+//! tool implements to become a worker ([`Handler`]), and the cancellation
+//! token that lets a front end stop a request that is already running.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// One unit of work, as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Arguments after argument-file expansion.
+    pub args: Vec<String>,
+    /// Extra environment for this request (Buck2 sends some; Bazel none).
+    pub env: Vec<(String, String)>,
+    /// Directory that relative paths of this request resolve against: the
+    /// worker's cwd, or the Bazel `sandbox_dir` under it.
+    pub workdir: PathBuf,
+    /// Bazel's verbosity; > 0 asks for extra logging on stderr.
+    pub verbosity: i32,
+    /// Trips when the client cancels the request or its timeout passes.
+    pub cancel: CancelToken,
+}
+
+impl Request {
+    /// A request with no env, verbosity 0 and no timeout.
+    pub fn new(args: Vec<String>, workdir: PathBuf) -> Request {
+        Request {
+            args,
+            env: Vec::new(),
+            workdir,
+            verbosity: 0,
+            cancel: CancelToken::new(),
+        }
+    }
+
+    /// Resolves a path named by this request against its working directory.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.workdir.join(path)
+    }
+}
+
+/// Why a request stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Cancelled,
+    TimedOut,
+}
+
+/// The outcome of one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    pub exit_code: i32,
+    /// Text for the user: Bazel's `output`, Buck2's `stderr`.
+    pub output: String,
+    /// The handler stopped because the request was cancelled.
+    pub cancelled: bool,
+    /// The handler stopped because the request's timeout passed.
+    pub timed_out: bool,
+}
+
+impl Response {
+    pub fn ok(output: impl Into<String>) -> Response {
+        Response {
+            output: output.into(),
+            ..Response::default()
+        }
+    }
+
+    pub fn error(exit_code: i32, output: impl Into<String>) -> Response {
+        Response {
+            exit_code,
+            output: output.into(),
+            ..Response::default()
+        }
+    }
+
+    /// A response for a request that stopped early; `exit_code` is what a
+    /// client that ignores the flags sees.
+    pub fn stopped(stop: Stop, output: impl Into<String>) -> Response {
+        Response {
+            exit_code: 1,
+            output: output.into(),
+            cancelled: stop == Stop::Cancelled,
+            timed_out: stop == Stop::TimedOut,
+        }
+    }
+
+    /// Tool output is bytes but both protocols carry UTF-8 strings: invalid
+    /// sequences become U+FFFD rather than failing the whole response.
+    pub fn with_output_bytes(exit_code: i32, output: &[u8]) -> Response {
+        Response::error(exit_code, String::from_utf8_lossy(output))
+    }
+}
+
+/// A tool that serves requests. Implement this one method and every front
+/// end (one-shot, Bazel, Buck2) can drive the tool. It runs on a pool thread,
+/// possibly many requests at once, and should poll `request.cancel` (or sleep
+/// through [`CancelToken::sleep`]) during long work.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: &Request) -> Response;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Request) -> Response + Send + Sync + 'static,
+{
+    fn handle(&self, request: &Request) -> Response {
+        self(request)
+    }
+}
+
+/// Shared flag a front end trips to stop a request. Cloning shares the flag.
+/// An optional deadline turns into [`Stop::TimedOut`] without a timer thread:
+/// every check compares against it.
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    inner: Arc<TokenInner>,
+}
+
+#[derive(Debug)]
+struct TokenInner {
+    cancelled: Mutex<bool>,
+    wake: Condvar,
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        CancelToken::new()
+    }
+}
+
+impl CancelToken {
+    pub fn new() -> CancelToken {
+        CancelToken {
+            inner: Arc::new(TokenInner {
+                cancelled: Mutex::new(false),
+                wake: Condvar::new(),
+                deadline: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Sets a timeout counted from now.
+    pub fn set_timeout(&self, timeout: Duration) {
+        *lock(&self.inner.deadline) = Instant::now().checked_add(timeout);
+    }
+
+    /// Cancels the request and wakes any [`CancelToken::sleep`].
+    pub fn cancel(&self) {
+        *lock(&self.inner.cancelled) = true;
+        self.inner.wake.notify_all();
+    }
+
+    /// `Some` once the request was cancelled or ran past its deadline.
+    /// Cancellation wins when both happened.
+    pub fn stopped(&self) -> Option<Stop> {
+        if *lock(&self.inner.cancelled) {
+            return Some(Stop::Cancelled);
+        }
+        match *lock(&self.inner.deadline) {
+            Some(deadline) if Instant::now() >= deadline => Some(Stop::TimedOut),
+            _ => None,
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.stopped().is_some()
+    }
+
+    /// Sleeps for `duration` unless the request is stopped first.
+    pub fn sleep(&self, duration: Duration) -> Result<(), Stop> {
+        let end = Instant::now() + duration;
+        let deadline = *lock(&self.inner.deadline);
+        let mut cancelled = lock(&self.inner.cancelled);
+        loop {
+            if *cancelled {
+                return Err(Stop::Cancelled);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Stop::TimedOut);
+            }
+            if now >= end {
+                return Ok(());
+            }
+            let until = deadline.map_or(end, |d| d.min(end));
+            cancelled = match self.inner.wake.wait_timeout(cancelled, until - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: the guarded values are plain flags that
+/// a panicking handler cannot leave half-written.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn cancel_wakes_a_sleeping_request() {
+        let token = CancelToken::new();
+        let remote = token.clone();
+        let sleeper = thread::spawn(move || remote.sleep(Duration::from_secs(60)));
+        token.cancel();
+        assert_eq!(sleeper.join().unwrap(), Err(Stop::Cancelled));
+    }
+
+    #[test]
+    fn deadline_ends_sleep_as_timeout() {
+        let token = CancelToken::new();
+        token.set_timeout(Duration::from_millis(10));
+        assert_eq!(token.sleep(Duration::from_secs(60)), Err(Stop::TimedOut));
+        assert_eq!(token.stopped(), Some(Stop::TimedOut));
+    }
+
+    #[test]
+    fn sleep_completes_without_stop() {
+        let token = CancelToken::new();
+        assert_eq!(token.sleep(Duration::from_millis(1)), Ok(()));
+        assert_eq!(token.stopped(), None);
+    }
+
+    #[test]
+    fn lossy_output_replaces_invalid_utf8() {
+        let response = Response::with_output_bytes(3, b"ok \xff\xfe end");
+        assert_eq!(response.exit_code, 3);
+        assert_eq!(response.output, "ok \u{fffd}\u{fffd} end");
+    }
+}
