@@ -26,6 +26,7 @@ options:
   --max-message-bytes N      Bazel: largest request accepted (default 67108864)
   --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
                              after SIGTERM/SIGINT (default 2000)
+  --verbose                  log each request's start and end on stderr
   -h, --help                 print this help
   -V, --version              print the version
 ";
@@ -48,6 +49,8 @@ pub struct Options {
     pub work: Duration,
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Log every request's start and end on stderr.
+    pub verbose: bool,
     /// One-shot only: the request's arguments, already expanded.
     pub request_args: Vec<String>,
 }
@@ -89,6 +92,7 @@ pub fn parse(
         work: Duration::ZERO,
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         shutdown_grace: Duration::from_millis(2000),
+        verbose: false,
         request_args: Vec::new(),
     };
     let one_shot = options.mode == Mode::OneShot;
@@ -115,6 +119,7 @@ pub fn parse(
                 options.shutdown_grace =
                     Duration::from_millis(number(&mut parser, "--shutdown-grace-ms")?)
             }
+            Long("verbose") => options.verbose = true,
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             // Anything else belongs to the one-shot request; a worker takes

@@ -72,6 +72,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: std::path::PathB
         format: options.wire_format,
         max_message_bytes: options.max_message_bytes,
         cwd,
+        verbose: options.verbose,
     };
     let stdin = BufReader::new(std::io::stdin().lock());
     let pool = Pool::new(options.concurrency);

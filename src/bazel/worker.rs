@@ -29,6 +29,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// The worker's cwd: Bazel's execution root, the base of `sandbox_dir`.
     pub cwd: PathBuf,
+    /// Log every request as if it had `verbosity > 0` (`--verbose`): old
+    /// Bazel versions never set verbosity.
+    pub verbose: bool,
 }
 
 /// Writes whole responses, one at a time. Once the stream has failed it is
@@ -78,6 +81,7 @@ pub fn serve(
 ) -> Result<(), FrameError> {
     let writer = Arc::new(ResponseWriter::new(config.format, output));
     let in_flight: Arc<Mutex<HashMap<i32, CancelToken>>> = Arc::default();
+    let identity: Arc<str> = crate::process::identity().into();
     loop {
         let work = match config
             .format
@@ -91,13 +95,14 @@ pub fn serve(
             }
         };
         let id = work.request_id;
-        if work.verbosity > 0 {
+        let verbose = config.verbose || work.verbosity > 0;
+        if verbose {
             log_request(&work);
         }
         if work.cancel {
             match lock(&in_flight).get(&id) {
                 Some(token) => token.cancel(),
-                None if work.verbosity > 0 => {
+                None if verbose => {
                     eprintln!("worker: cancel for request {id} ignored: it is not in flight")
                 }
                 None => {}
@@ -108,7 +113,8 @@ pub fn serve(
             Ok(dir) => dir,
             Err(e) => {
                 eprintln!("worker: request {id}: {e}");
-                writer.send(&to_wire(id, Response::error(1, format!("worker: {e}\n"))));
+                let response = Response::error(1, format!("worker: {e}\n"));
+                writer.send(&to_wire(&identity, id, response));
                 continue;
             }
         };
@@ -120,19 +126,39 @@ pub fn serve(
                 drop(table);
                 let e = format!("request id {id} is already in flight; ids must be unique");
                 eprintln!("worker: {e}");
-                writer.send(&to_wire(id, Response::error(1, format!("worker: {e}\n"))));
+                let response = Response::error(1, format!("worker: {e}\n"));
+                writer.send(&to_wire(&identity, id, response));
                 continue;
             }
             table.insert(id, request.cancel.clone());
+            if verbose {
+                eprintln!("worker: request {id} started, {} in flight", table.len());
+            }
         }
         let (done_tx, done_rx) = bounded::<()>(1);
         let writer = Arc::clone(&writer);
         let table = Arc::clone(&in_flight);
+        let identity = Arc::clone(&identity);
         pool.submit(Arc::clone(&handler), request, move |response| {
             // Leave the table before answering: once the client has the
             // response it may reuse the id.
-            lock(&table).remove(&id);
-            writer.send(&to_wire(id, response));
+            let left = {
+                let mut table = lock(&table);
+                table.remove(&id);
+                table.len()
+            };
+            if verbose {
+                eprintln!(
+                    "worker: request {id} finished, exit code {}{}, {left} in flight",
+                    response.exit_code,
+                    if response.cancelled {
+                        " (cancelled)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            writer.send(&to_wire(&identity, id, response));
             let _ = done_tx.send(());
         });
         if id == 0 {
@@ -144,14 +170,13 @@ pub fn serve(
     Ok(())
 }
 
-fn to_wire(id: i32, response: Response) -> WorkResponse {
+fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
     let mut wire = WorkResponse::new();
     wire.request_id = id;
     wire.exit_code = response.exit_code;
     wire.was_cancelled = response.cancelled;
     wire.output = format!(
-        "Bazel persistent worker {} {id}\n{}",
-        crate::process::identity(),
+        "Bazel persistent worker {identity} {id}\n{}",
         response.output
     );
     wire
