@@ -91,6 +91,12 @@ pub fn serve(
             Ok(None) => break,
             Err(e) => {
                 writer.close();
+                for token in lock(&in_flight).values() {
+                    token.cancel();
+                }
+                // Joining would wait for handlers that may not honour the
+                // cancel; the caller exits, so the threads need not finish.
+                std::mem::forget(pool);
                 return Err(e);
             }
         };
