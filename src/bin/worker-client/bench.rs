@@ -1,0 +1,342 @@
+//! Timing a worker in any mode: start-up, throughput and latency
+//! percentiles, as a table and optionally as JSON.
+//!
+//! Every worker first answers one warm-up request, which is what start-up
+//! measures (spawn to first response: process start, socket or pipe set-up
+//! and first request together, as a build tool experiences it). The timed
+//! requests follow and are not mixed with the warm-up.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use crate::bazel::{self, Plan, StdioWorker};
+use crate::{buck2, child, remote, Failure, Mode, Options, Outcome};
+
+/// One benchmark's results.
+pub struct Measurement {
+    pub mode: Mode,
+    /// How requests travel: `proto`, `json`, `grpc Execute`, ...
+    pub transport: String,
+    pub concurrency: usize,
+    pub startup: Duration,
+    /// Wall time of the timed requests.
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+    pub failed: usize,
+    /// The output of one failed request, to show why.
+    pub first_failure: Option<String>,
+}
+
+pub fn run(options: &Options) -> Result<Outcome, Failure> {
+    let Some(bench) = &options.bench else {
+        return Err(Failure::Usage("no benchmark options".to_owned()));
+    };
+    let m = match options.mode {
+        Mode::Bazel => stdio_bazel(options, bench.requests)?,
+        Mode::Remote => stdio_remote(options, bench.requests)?,
+        Mode::Buck2 => buck2::bench(options, bench.requests)?,
+    };
+    print!("{}", table(&m, &options.command));
+    if let Some(path) = &bench.json_out {
+        std::fs::write(path, json(&m, &options.command))
+            .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", path.display())))?;
+    }
+    if let Some(output) = &m.first_failure {
+        eprintln!(
+            "worker-client: {} of {} requests failed; the first said:\n{}",
+            m.failed,
+            m.latencies.len(),
+            bazel::indent(output)
+        );
+    }
+    Ok(Outcome {
+        failed_requests: m.failed,
+    })
+}
+
+/// A worker that has answered its warm-up request.
+struct Warm {
+    worker: StdioWorker,
+    startup: Duration,
+}
+
+fn warm_up(mut worker: StdioWorker, plan: &Plan) -> Result<Warm, Failure> {
+    bazel::drive(&mut worker, plan, &mut |_| {})?;
+    let startup = worker.spawned.elapsed();
+    Ok(Warm { worker, startup })
+}
+
+fn stdio_bazel(options: &Options, requests: usize) -> Result<Measurement, Failure> {
+    let c = options.concurrency;
+    let multiplex = c > 1 || options.multiplex.is_some();
+    let mut all = bazel::plan(options, requests + 1, c, multiplex);
+    let timed = Plan {
+        requests: all.requests.split_off(1),
+        ..bazel::plan(options, 0, c, multiplex)
+    };
+    let argv = bazel::worker_argv(&options.command);
+    let worker = StdioWorker::spawn(&bazel::Config {
+        argv: &argv,
+        cwd: options.cwd.as_deref(),
+        format: bazel::format_of(options),
+        all_fields: false,
+        echo_stderr: options.worker_stderr,
+    })?;
+    let Warm {
+        mut worker,
+        startup,
+    } = warm_up(worker, &all)?;
+    let start = Instant::now();
+    let answers = bazel::drive(&mut worker, &timed, &mut |_| {})?;
+    let elapsed = start.elapsed();
+    worker.finish()?;
+    let mut m = Measurement {
+        mode: Mode::Bazel,
+        transport: format!(
+            "{}{}",
+            if options.json { "json" } else { "proto" },
+            if multiplex { " multiplex" } else { "" }
+        ),
+        concurrency: c,
+        startup,
+        elapsed,
+        latencies: Vec::with_capacity(answers.len()),
+        failed: 0,
+        first_failure: None,
+    };
+    for a in &answers {
+        m.record(a.latency, a.response.exit_code, &a.response.output);
+    }
+    Ok(m)
+}
+
+/// `C` workers, one request at a time each, as `C` executor runners would
+/// hold one recycled worker each.
+fn stdio_remote(options: &Options, requests: usize) -> Result<Measurement, Failure> {
+    let c = options.concurrency;
+    let quiet = Options {
+        quiet: true,
+        ..options.clone()
+    };
+    let (argv, request) = remote::prepare(&quiet)?;
+    let barrier = Arc::new(Barrier::new(c));
+    let threads: Vec<_> = (0..c)
+        .map(|i| {
+            let share = requests / c + usize::from(i < requests % c);
+            let (argv, request, barrier) = (argv.clone(), request.clone(), Arc::clone(&barrier));
+            let options = quiet.clone();
+            std::thread::spawn(move || {
+                let plan = |count| Plan {
+                    requests: vec![request.clone(); count],
+                    window: 1,
+                    cancel_after: None,
+                    timeout: options.timeout,
+                };
+                let warmed = remote::spawn(&options, &argv).and_then(|w| warm_up(w, &plan(1)));
+                // Everyone waits, even a failed worker, so no thread is
+                // left behind at the barrier.
+                barrier.wait();
+                let Warm {
+                    mut worker,
+                    startup,
+                } = warmed?;
+                let start = Instant::now();
+                let answers = bazel::drive(&mut worker, &plan(share), &mut |_| {})?;
+                let done = start.elapsed();
+                worker.finish()?;
+                Ok::<_, Failure>((startup, done, answers))
+            })
+        })
+        .collect();
+    let mut m = Measurement {
+        mode: Mode::Remote,
+        transport: if options.json { "json" } else { "proto" }.to_owned(),
+        concurrency: c,
+        startup: Duration::ZERO,
+        elapsed: Duration::ZERO,
+        latencies: Vec::with_capacity(requests),
+        failed: 0,
+        first_failure: None,
+    };
+    let mut first_error = None;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok((startup, done, answers))) => {
+                m.startup = m.startup.max(startup);
+                m.elapsed = m.elapsed.max(done);
+                for a in &answers {
+                    m.record(a.latency, a.response.exit_code, &a.response.output);
+                }
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error
+                    .get_or_insert(Failure::Worker("a benchmark thread panicked".to_owned()));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(m),
+    }
+}
+
+impl Measurement {
+    pub fn record(&mut self, latency: Duration, exit_code: i32, output: &str) {
+        self.latencies.push(latency);
+        if exit_code != 0 {
+            self.failed += 1;
+            self.first_failure.get_or_insert_with(|| output.to_owned());
+        }
+    }
+
+    fn sorted_ms(&self) -> Vec<f64> {
+        let mut ms: Vec<f64> = self
+            .latencies
+            .iter()
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    }
+
+    fn throughput(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.latencies.len() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn table(m: &Measurement, command: &[String]) -> String {
+    let ms = m.sorted_ms();
+    let row = [
+        m.mode.name().to_owned(),
+        m.transport.clone(),
+        m.latencies.len().to_string(),
+        m.concurrency.to_string(),
+        format!("{:.2}", m.startup.as_secs_f64() * 1000.0),
+        format!("{:.0}", m.throughput()),
+        format!("{:.3}", percentile(&ms, 50.0)),
+        format!("{:.3}", percentile(&ms, 90.0)),
+        format!("{:.3}", percentile(&ms, 99.0)),
+        m.failed.to_string(),
+    ];
+    let header = [
+        "mode",
+        "protocol",
+        "requests",
+        "concurrency",
+        "start-up ms",
+        "requests/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "failed",
+    ];
+    let mut out = format!("worker: {}\n", child::show_command(command));
+    let widths: Vec<usize> = header
+        .iter()
+        .zip(&row)
+        .map(|(h, r)| h.len().max(r.len()))
+        .collect();
+    for cells in [header.map(str::to_owned), row] {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:>w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  "));
+    }
+    out
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A finite number as JSON (NaN and infinities have no JSON spelling).
+fn json_number(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.4}")
+    } else {
+        "null".to_owned()
+    }
+}
+
+pub fn json(m: &Measurement, command: &[String]) -> String {
+    let ms = m.sorted_ms();
+    let mean = if ms.is_empty() {
+        0.0
+    } else {
+        ms.iter().sum::<f64>() / ms.len() as f64
+    };
+    let command: Vec<String> = command.iter().map(|a| json_string(a)).collect();
+    format!(
+        "{{\n  \"mode\": {},\n  \"protocol\": {},\n  \"worker\": [{}],\n  \"requests\": {},\n  \
+         \"concurrency\": {},\n  \"failed\": {},\n  \"startup_ms\": {},\n  \"elapsed_ms\": {},\n  \
+         \"throughput_per_s\": {},\n  \"latency_ms\": {{\"min\": {}, \"mean\": {}, \"p50\": {}, \
+         \"p90\": {}, \"p99\": {}, \"max\": {}}}\n}}\n",
+        json_string(m.mode.name()),
+        json_string(&m.transport),
+        command.join(", "),
+        m.latencies.len(),
+        m.concurrency,
+        m.failed,
+        json_number(m.startup.as_secs_f64() * 1000.0),
+        json_number(m.elapsed.as_secs_f64() * 1000.0),
+        json_number(m.throughput()),
+        json_number(ms.first().copied().unwrap_or(0.0)),
+        json_number(mean),
+        json_number(percentile(&ms, 50.0)),
+        json_number(percentile(&ms, 90.0)),
+        json_number(percentile(&ms, 99.0)),
+        json_number(ms.last().copied().unwrap_or(0.0)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 90.0), 90.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+    }
+}

@@ -1,0 +1,378 @@
+//! `worker-client`: drives a persistent worker the way Buck2, Bazel and a
+//! remote executor do, checks that it keeps to the protocol, and measures it.
+//!
+//! - [`bazel`]: the stdin/stdout protocol as Bazel speaks it, with the
+//!   conformance checks every stdio mode shares.
+//! - [`remote`]: the same protocol as a BuildBuddy-style executor speaks it.
+//! - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
+//! - [`bench`]: timing any of the three.
+//! - [`requests`], [`child`], [`digest`]: request lists, worker processes,
+//!   SHA-256 for input digests.
+
+mod bazel;
+mod bench;
+mod buck2;
+mod child;
+mod digest;
+mod remote;
+mod requests;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "\
+usage: worker-client bazel  [OPTIONS] [--json] [--multiplex N] [--cancel-after MS] -- WORKER...
+       worker-client remote [OPTIONS] [--json] [--input PATH]... -- COMMAND...
+       worker-client buck2  [OPTIONS] [--stream] [--concurrency N] -- WORKER...
+
+Drives a persistent worker as Bazel (stdin/stdout, started with
+--persistent_worker), a remote executor (COMMAND is the action's command
+line: worker arguments plus @argfiles and --flagfile= arguments) or Buck2
+(gRPC on the Unix socket named by WORKER_SOCKET) would, prints each response
+and checks the worker keeps to the protocol.
+
+requests (bazel, buck2):
+  --arg X               add X to the request being built (all --arg make one)
+  --request 'A B C'     one request, arguments separated by whitespace
+  --requests-file FILE  one request per line, arguments separated by whitespace
+  --repeat K            send the request list K times (default 1)
+  The text {n} in an argument becomes the request's number (0, 1, ...).
+
+bazel / remote:
+  --json                JSON framing instead of delimited protobuf (the worker
+                        must be told with its own arguments, as Bazel does)
+  --multiplex N         bazel: up to N requests in flight, ids 1, 2, ...;
+                        fewer than N requests are repeated up to N
+  --cancel-after MS     bazel: cancel every request still in flight MS ms
+                        after it was sent
+  --input PATH          remote: an input file, sent with its path and a
+                        serialized REAPI Digest (SHA-256) as digest
+  --verbosity N         WorkRequest.verbosity (default 0)
+
+buck2:
+  --stream              WorkerStreaming.ExecuteStream instead of Worker.Execute
+  --concurrency N       requests in flight (default 1)
+  --env KEY=VALUE       environment entry sent with every request
+  --action-timeout-s N  ExecuteCommand.timeout_s
+
+common:
+  --timeout-ms N        give up on a request not answered after N ms (default 30000)
+  --cwd DIR             the worker's working directory (default: the current one)
+  --worker-stderr       copy the worker's stderr to ours as it arrives
+                        (otherwise it is shown only when something fails)
+  -q, --quiet           print only the summary
+  -h, --help            print this help
+
+bench (any mode; measures instead of printing each response):
+  --bench               run the benchmark with the defaults below
+  --requests N          requests to time (default 1000)
+  --concurrency C       requests in flight (bazel: C > 1 uses multiplex ids;
+                        remote: C workers, one request each at a time, as
+                        C executor runners; buck2: C concurrent calls)
+  --json-out FILE       also write the results as JSON
+
+exit status: 0 all requests succeeded; 1 some request failed (non-zero exit
+code); 2 usage error; 3 the worker failed: it exited early, did not answer in
+time, or broke the protocol.
+";
+
+/// What went wrong, and so which exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Our own command line or input files are wrong.
+    Usage(String),
+    /// The worker exited early, did not answer, or broke the protocol.
+    Worker(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Worker(m) => f.write_str(m),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Bazel,
+    Remote,
+    Buck2,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Bazel => "bazel",
+            Mode::Remote => "remote",
+            Mode::Buck2 => "buck2",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub requests: usize,
+    pub json_out: Option<PathBuf>,
+}
+
+/// Everything from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    /// The worker's command (bazel, buck2) or the action's (remote).
+    pub command: Vec<String>,
+    /// Request argument lists, before `{n}` substitution.
+    pub requests: Vec<Vec<String>>,
+    pub repeat: usize,
+    pub json: bool,
+    pub multiplex: Option<usize>,
+    pub cancel_after: Option<Duration>,
+    pub inputs: Vec<PathBuf>,
+    pub verbosity: i32,
+    pub stream: bool,
+    pub concurrency: usize,
+    pub env: Vec<(String, String)>,
+    pub action_timeout_s: Option<u64>,
+    pub timeout: Duration,
+    pub cwd: Option<PathBuf>,
+    pub worker_stderr: bool,
+    pub quiet: bool,
+    pub bench: Option<BenchOptions>,
+}
+
+/// How a run ended when the worker itself behaved.
+pub struct Outcome {
+    pub failed_requests: usize,
+}
+
+fn main() -> ExitCode {
+    let options = match parse(std::env::args_os().skip(1).collect()) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("worker-client: {e}\n\nRun 'worker-client --help' for usage.");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match (&options.bench, options.mode) {
+        (Some(_), _) => bench::run(&options),
+        (None, Mode::Bazel) => bazel::run(&options),
+        (None, Mode::Remote) => remote::run(&options),
+        (None, Mode::Buck2) => buck2::run(&options),
+    };
+    match result {
+        Ok(Outcome { failed_requests: 0 }) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(Failure::Usage(e)) => {
+            eprintln!("worker-client: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Worker(e)) => {
+            eprintln!("worker-client: {}: {e}", options.mode.name());
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// `Ok(None)` asks for the help text.
+fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mode = match parser.next().map_err(|e| e.to_string())? {
+        Some(Value(v)) => match v.to_str() {
+            Some("bazel") => Mode::Bazel,
+            Some("remote") => Mode::Remote,
+            Some("buck2") => Mode::Buck2,
+            Some("help") => return Ok(None),
+            _ => {
+                return Err(format!(
+                    "unknown mode {v:?}: expected bazel, remote or buck2"
+                ))
+            }
+        },
+        Some(Short('h') | Long("help")) => return Ok(None),
+        Some(other) => return Err(other.unexpected().to_string()),
+        None => return Err("a mode is required: bazel, remote or buck2".to_owned()),
+    };
+    let mut o = Options {
+        mode,
+        command: Vec::new(),
+        requests: Vec::new(),
+        repeat: 1,
+        json: false,
+        multiplex: None,
+        cancel_after: None,
+        inputs: Vec::new(),
+        verbosity: 0,
+        stream: false,
+        concurrency: 1,
+        env: Vec::new(),
+        action_timeout_s: None,
+        timeout: Duration::from_millis(30_000),
+        cwd: None,
+        worker_stderr: false,
+        quiet: false,
+        bench: None,
+    };
+    let mut building: Option<Vec<String>> = None;
+    let mut bench = false;
+    let mut bench_requests = 1000;
+    let mut json_out = None;
+    let only = |allowed: &[Mode], flag: &str| -> Result<(), String> {
+        if allowed.contains(&mode) {
+            Ok(())
+        } else {
+            Err(format!("{flag} does not apply to {} mode", mode.name()))
+        }
+    };
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("arg") => {
+                only(&[Mode::Bazel, Mode::Buck2], "--arg")?;
+                let value = text(&mut parser)?;
+                building.get_or_insert_with(Vec::new).push(value);
+            }
+            Long("request") => {
+                only(&[Mode::Bazel, Mode::Buck2], "--request")?;
+                flush(&mut building, &mut o.requests);
+                o.requests.push(requests::split(&text(&mut parser)?));
+            }
+            Long("requests-file") => {
+                only(&[Mode::Bazel, Mode::Buck2], "--requests-file")?;
+                flush(&mut building, &mut o.requests);
+                let path = PathBuf::from(parser.value().map_err(|e| e.to_string())?);
+                o.requests.extend(requests::read_file(&path)?);
+            }
+            Long("repeat") => o.repeat = positive(&mut parser, "--repeat")?,
+            Long("json") => {
+                only(&[Mode::Bazel, Mode::Remote], "--json")?;
+                o.json = true;
+            }
+            Long("multiplex") => {
+                only(&[Mode::Bazel], "--multiplex")?;
+                o.multiplex = Some(positive(&mut parser, "--multiplex")?);
+            }
+            Long("cancel-after") => {
+                only(&[Mode::Bazel], "--cancel-after")?;
+                o.cancel_after = Some(Duration::from_millis(number(
+                    &mut parser,
+                    "--cancel-after",
+                )?));
+            }
+            Long("input") => {
+                only(&[Mode::Remote], "--input")?;
+                o.inputs
+                    .push(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
+            }
+            Long("verbosity") => {
+                only(&[Mode::Bazel, Mode::Remote], "--verbosity")?;
+                o.verbosity = number(&mut parser, "--verbosity")?;
+            }
+            Long("stream") => {
+                only(&[Mode::Buck2], "--stream")?;
+                o.stream = true;
+            }
+            Long("concurrency") => o.concurrency = positive(&mut parser, "--concurrency")?,
+            Long("env") => {
+                only(&[Mode::Buck2], "--env")?;
+                let entry = text(&mut parser)?;
+                match entry.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => o.env.push((k.to_owned(), v.to_owned())),
+                    _ => return Err(format!("--env needs KEY=VALUE, got '{entry}'")),
+                }
+            }
+            Long("action-timeout-s") => {
+                only(&[Mode::Buck2], "--action-timeout-s")?;
+                o.action_timeout_s = Some(number(&mut parser, "--action-timeout-s")?);
+            }
+            Long("timeout-ms") => {
+                o.timeout = Duration::from_millis(positive(&mut parser, "--timeout-ms")? as u64)
+            }
+            Long("cwd") => o.cwd = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?)),
+            Long("worker-stderr") => o.worker_stderr = true,
+            Short('q') | Long("quiet") => o.quiet = true,
+            Long("bench") => bench = true,
+            Long("requests") => {
+                bench = true;
+                bench_requests = positive(&mut parser, "--requests")?;
+            }
+            Long("json-out") => {
+                bench = true;
+                json_out = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
+            }
+            Short('h') | Long("help") => return Ok(None),
+            // After `--` (or at the first positional) everything is the
+            // worker's, including options that look like ours.
+            Value(first) => {
+                o.command.push(os_text(first)?);
+                for rest in parser.raw_args().map_err(|e| e.to_string())? {
+                    o.command.push(os_text(rest)?);
+                }
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    flush(&mut building, &mut o.requests);
+    if o.command.is_empty() {
+        return Err(format!(
+            "no worker command: put it after '--', e.g. worker-client {} -- persistent-worker",
+            mode.name()
+        ));
+    }
+    if mode == Mode::Remote && o.repeat == 0 {
+        return Err("--repeat must be at least 1".to_owned());
+    }
+    if o.requests.is_empty() && mode != Mode::Remote {
+        return Err("no requests: give --arg, --request or --requests-file".to_owned());
+    }
+    if o.cancel_after.is_some() && bench {
+        return Err("--cancel-after cannot be combined with a benchmark".to_owned());
+    }
+    if bench {
+        o.bench = Some(BenchOptions {
+            requests: bench_requests,
+            json_out,
+        });
+    }
+    Ok(Some(o))
+}
+
+fn flush(building: &mut Option<Vec<String>>, requests: &mut Vec<Vec<String>>) {
+    if let Some(request) = building.take() {
+        requests.push(request);
+    }
+}
+
+fn os_text(value: OsString) -> Result<String, String> {
+    value
+        .into_string()
+        .map_err(|v| format!("argument {v:?} is not valid UTF-8"))
+}
+
+fn text(parser: &mut lexopt::Parser) -> Result<String, String> {
+    os_text(parser.value().map_err(|e| e.to_string())?)
+}
+
+fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, String>
+where
+    T::Err: fmt::Display,
+{
+    let value = text(parser)?;
+    value
+        .parse()
+        .map_err(|e| format!("invalid value '{value}' for {flag}: {e}"))
+}
+
+fn positive(parser: &mut lexopt::Parser, flag: &str) -> Result<usize, String> {
+    match number::<usize>(parser, flag)? {
+        0 => Err(format!("{flag} must be at least 1")),
+        n => Ok(n),
+    }
+}
