@@ -38,19 +38,33 @@ pub enum Event {
     Broken(String, Vec<u8>),
 }
 
-/// Keeps the last bytes read so that a broken stream can be shown.
+/// What the reader has seen of stdout, for messages about a broken stream.
+#[derive(Default)]
+struct Seen {
+    /// The last bytes read.
+    last: Vec<u8>,
+    /// The start of what was read after the last complete response, and
+    /// how much that was: a stray line in a proto stream usually reads as
+    /// the start of a frame that never completes.
+    pending: Vec<u8>,
+    pending_len: usize,
+}
+
 struct Recording<R> {
     inner: R,
-    last: Arc<Mutex<Vec<u8>>>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl<R: Read> Read for Recording<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Ok(mut last) = self.last.lock() {
-            last.extend_from_slice(&buf[..n]);
-            let excess = last.len().saturating_sub(SHOW_STDOUT_BYTES);
-            last.drain(..excess);
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.last.extend_from_slice(&buf[..n]);
+            let excess = seen.last.len().saturating_sub(SHOW_STDOUT_BYTES);
+            seen.last.drain(..excess);
+            let room = SHOW_STDOUT_BYTES.saturating_sub(seen.pending.len());
+            seen.pending.extend_from_slice(&buf[..n.min(room)]);
+            seen.pending_len += n;
         }
         Ok(n)
     }
@@ -73,6 +87,7 @@ pub struct StdioWorker {
     child: Child,
     stdin: Option<ChildStdin>,
     events: Receiver<Event>,
+    seen: Arc<Mutex<Seen>>,
     stderr: Tail,
     format: WireFormat,
     all_fields: bool,
@@ -109,18 +124,30 @@ impl StdioWorker {
         let stderr = Tail::capture(stderr, config.echo_stderr);
         let (tx, events) = unbounded();
         let format = config.format;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let seen_by_reader = Arc::clone(&seen);
         std::thread::spawn(move || {
-            let last = Arc::new(Mutex::new(Vec::new()));
             let mut reader = BufReader::new(Recording {
                 inner: stdout,
-                last: Arc::clone(&last),
+                seen: Arc::clone(&seen_by_reader),
             });
             loop {
                 let event = match format.read_response(&mut reader, DEFAULT_MAX_MESSAGE_BYTES) {
-                    Ok(Some(response)) => Event::Response(response, Instant::now()),
+                    Ok(Some(response)) => {
+                        // What is already buffered belongs to the next message.
+                        if let Ok(mut seen) = seen_by_reader.lock() {
+                            seen.pending = reader.buffer().to_vec();
+                            seen.pending.truncate(SHOW_STDOUT_BYTES);
+                            seen.pending_len = reader.buffer().len();
+                        }
+                        Event::Response(response, Instant::now())
+                    }
                     Ok(None) => Event::Eof,
                     Err(e) => {
-                        let shown = last.lock().map(|l| l.clone()).unwrap_or_default();
+                        let shown = seen_by_reader
+                            .lock()
+                            .map(|s| s.last.clone())
+                            .unwrap_or_default();
                         Event::Broken(e.to_string(), shown)
                     }
                 };
@@ -134,6 +161,7 @@ impl StdioWorker {
             child: process,
             stdin: Some(stdin),
             events,
+            seen,
             stderr,
             format,
             all_fields: config.all_fields,
@@ -439,6 +467,23 @@ impl StdioWorker {
     fn timed_out(&mut self, id: i32, timeout: Duration) -> Failure {
         let pid = self.pid();
         child::kill(&mut self.child);
+        let (pending, pending_len) = self
+            .seen
+            .lock()
+            .map(|s| (s.pending.clone(), s.pending_len))
+            .unwrap_or_default();
+        if pending_len > 0 {
+            return Failure::Worker(format!(
+                "protocol violation: no complete response to request {id} within {} ms \
+                 (--timeout-ms), but the worker (pid {pid}) wrote {pending_len} byte(s) to \
+                 stdout that do not form one: {:?}\n\
+                 (a worker must write nothing but responses to stdout; a stray line reads as \
+                 the start of a frame that never ends){}",
+                timeout.as_millis(),
+                String::from_utf8_lossy(&pending),
+                self.stderr_block()
+            ));
+        }
         Failure::Worker(format!(
             "no response to request {id} within {} ms (--timeout-ms); the worker (pid {pid}) \
              may be hung or reading requests in another framing; killed it{}",

@@ -1,0 +1,479 @@
+//! `worker-client` against the real worker binary and against broken
+//! workers, as separate processes.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
+const WORKER: &str = env!("CARGO_BIN_EXE_persistent-worker");
+
+/// Every run is bounded: a client that hangs is killed and the test fails.
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn client(args: &[&str], cwd: &Path) -> Run {
+    let child = Command::new(CLIENT)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start worker-client");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output: Output = match rx.recv_timeout(LIMIT) {
+        Ok(result) => result.expect("wait for worker-client"),
+        Err(_) => {
+            // SAFETY: signals the client process this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("worker-client {args:?} did not finish within {LIMIT:?}");
+        }
+    };
+    let run = Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ worker-client {}\n--- stdout\n{}--- stderr\n{}--- exit {:?}",
+        args.join(" "),
+        run.stdout,
+        run.stderr,
+        run.code
+    );
+    run
+}
+
+fn dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn bazel_proto_singleplex() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--request",
+            "a.txt",
+            "--arg",
+            "b.txt",
+            "--",
+            WORKER,
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert_eq!(r.stdout.matches("Bazel persistent worker").count(), 2);
+    assert!(
+        r.stdout.contains("-> request 0: [\"a.txt\"]"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("<- response 0: exit_code 0"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("2 request(s), 2 response(s): 0 failed"));
+    assert!(r.stdout.contains("protocol OK"));
+    assert_eq!(read(d.path(), "a.txt"), "a.txt\n");
+    assert_eq!(read(d.path(), "b.txt"), "b.txt\n");
+}
+
+#[test]
+fn bazel_json_with_a_requests_file() {
+    let d = dir();
+    std::fs::write(
+        d.path().join("reqs"),
+        "# two requests\nj-{n}.txt\n\nj-{n}.txt\n",
+    )
+    .unwrap();
+    let r = client(
+        &[
+            "bazel",
+            "--json",
+            "--requests-file",
+            "reqs",
+            "--",
+            WORKER,
+            "--worker-protocol",
+            "json",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("demo: wrote j-0.txt"), "{}", r.stdout);
+    assert!(r.stdout.contains("demo: wrote j-1.txt"), "{}", r.stdout);
+    assert!(r.stdout.contains("protocol OK"));
+}
+
+#[test]
+fn failed_request_exits_1_and_worker_keeps_serving() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--request",
+            "x y",
+            "--request",
+            "ok.txt",
+            "--",
+            WORKER,
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(r.stdout.contains("exit_code 2"), "{}", r.stdout);
+    assert!(r.stdout.contains("expected exactly one OUTFILE"));
+    assert!(r.stdout.contains("1 failed"));
+    assert_eq!(read(d.path(), "ok.txt"), "ok.txt\n");
+}
+
+#[test]
+fn multiplex_sends_all_before_the_first_answer() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--multiplex",
+            "4",
+            "--request",
+            "m-{n}.txt",
+            "--",
+            WORKER,
+            "--concurrency",
+            "4",
+            "--work-ms",
+            "300",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let sent: Vec<&str> = lines
+        .iter()
+        .copied()
+        .take_while(|l| !l.starts_with("<-"))
+        .filter(|l| l.starts_with("-> request"))
+        .collect();
+    assert_eq!(sent.len(), 4, "{}", r.stdout);
+    for id in 1..=4 {
+        assert!(
+            r.stdout.contains(&format!("<- response {id}: exit_code 0")),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(
+            read(d.path(), &format!("m-{}.txt", id - 1)),
+            format!("m-{}.txt\n", id - 1)
+        );
+    }
+}
+
+#[test]
+fn cancel_after_gets_one_cancelled_answer_per_request() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--multiplex",
+            "2",
+            "--cancel-after",
+            "100",
+            "--request",
+            "c-{n}.txt",
+            "--",
+            WORKER,
+            "--work-ms",
+            "30000",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("-> cancel 1"), "{}", r.stdout);
+    assert!(r.stdout.contains("-> cancel 2"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches("was_cancelled").count(), 2, "{}", r.stdout);
+    assert!(r.stdout.contains("2 cancelled (2 cancel(s) sent)"));
+    assert!(!d.path().join("c-0.txt").exists());
+}
+
+fn remote_files(d: &Path) {
+    std::fs::create_dir(d.join("out")).unwrap();
+    std::fs::write(d.join("outer.args"), "@inner.args\n").unwrap();
+    std::fs::write(d.join("inner.args"), "out/remote.txt\r\n").unwrap();
+    std::fs::write(d.join("flags"), "--work-ms\n1\n").unwrap();
+}
+
+#[test]
+fn remote_expands_at_files_and_passes_flagfile_through() {
+    let d = dir();
+    remote_files(d.path());
+    let r = client(
+        &[
+            "remote",
+            "--input",
+            "inner.args",
+            "--repeat",
+            "2",
+            "--",
+            WORKER,
+            "--concurrency",
+            "1",
+            "@outer.args",
+            "--flagfile=flags",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(
+        r.stdout.contains(&format!(
+            "worker args: [\"{WORKER}\", \"--concurrency\", \"1\"]"
+        )),
+        "{}",
+        r.stdout
+    );
+    assert!(r
+        .stdout
+        .contains("flagfiles: [\"@outer.args\", \"--flagfile=flags\"]"));
+    // `@` expanded here, recursively; `--flagfile=` left for the worker.
+    assert_eq!(
+        r.stdout
+            .matches("-> request 0: [\"out/remote.txt\", \"--flagfile=flags\"]")
+            .count(),
+        2,
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("--persistent_worker` (pid"));
+    assert!(r.stdout.contains("2 request(s), 2 response(s): 0 failed"));
+    assert_eq!(read(d.path(), "out/remote.txt"), "remote.txt\n");
+}
+
+#[test]
+fn remote_json_writes_every_field() {
+    let d = dir();
+    remote_files(d.path());
+    let r = client(
+        &[
+            "remote",
+            "--json",
+            "--input",
+            "flags",
+            "--",
+            WORKER,
+            "--worker-protocol",
+            "json",
+            "@outer.args",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("Bazel persistent worker"), "{}", r.stdout);
+    assert_eq!(read(d.path(), "out/remote.txt"), "remote.txt\n");
+
+    // What goes over the pipe: a worker that records its stdin and never
+    // answers, so the client times out after the request is written.
+    let r = client(
+        &[
+            "remote",
+            "--json",
+            "--timeout-ms",
+            "500",
+            "--input",
+            "flags",
+            "--",
+            "sh",
+            "-c",
+            "cat > request.json",
+            "@outer.args",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    let sent = read(d.path(), "request.json");
+    for field in [
+        "\"arguments\": [\"out/remote.txt\"]",
+        "\"path\": \"flags\"",
+        "\"digest\": \"",
+        "\"requestId\": 0",
+        "\"cancel\": false",
+        "\"verbosity\": 0",
+        "\"sandboxDir\": \"\"",
+    ] {
+        assert!(sent.contains(field), "{field} missing in {sent}");
+    }
+    assert!(sent.ends_with("}\n"), "{sent}");
+}
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let d = dir();
+    for (mode, extra) in [
+        ("bazel", &["--request", "b-{n}.txt"][..]),
+        (
+            "bazel",
+            &["--concurrency", "4", "--request", "b-{n}.txt"][..],
+        ),
+    ] {
+        let mut args = vec![mode, "--requests", "200", "--json-out", "bench.json"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", WORKER]);
+        let r = client(&args, d.path());
+        assert_eq!(r.code, Some(0));
+        let header = r.stdout.lines().nth(1).unwrap_or_default();
+        for column in ["start-up ms", "requests/s", "p50 ms", "p90 ms", "p99 ms"] {
+            assert!(header.contains(column), "{header}");
+        }
+        let json = read(d.path(), "bench.json");
+        let parsed: protobuf::well_known_types::struct_::Struct =
+            protobuf_json_mapping::parse_from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let number = |key: &str| match parsed.fields.get(key).and_then(|v| v.kind.as_ref()) {
+            Some(protobuf::well_known_types::struct_::value::Kind::NumberValue(n)) => *n,
+            other => panic!("{key}: {other:?} in {json}"),
+        };
+        assert_eq!(number("requests"), 200.0);
+        assert!(number("throughput_per_s") > 0.0);
+        assert!(parsed.fields.contains_key("latency_ms"), "{json}");
+    }
+    std::fs::write(d.path().join("args"), "r.txt\n").unwrap();
+    let r = client(
+        &[
+            "remote",
+            "--requests",
+            "50",
+            "--concurrency",
+            "2",
+            "--",
+            WORKER,
+            "@args",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("remote"), "{}", r.stdout);
+    assert!(r.stdout.contains("p99 ms"), "{}", r.stdout);
+}
+
+#[test]
+fn worker_that_exits_at_once_is_reported_with_its_stderr() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--request",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 3",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stderr.contains("the worker exited with status 3"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("worker stderr:\n  oops"), "{}", r.stderr);
+}
+
+#[test]
+fn worker_that_never_answers_times_out() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--timeout-ms",
+            "300",
+            "--request",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "cat > /dev/null",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stderr.contains("no response to request 0 within 300 ms"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn garbage_on_stdout_is_a_protocol_violation() {
+    let d = dir();
+    for json in [false, true] {
+        let mut args = vec!["bazel", "--request", "x"];
+        if json {
+            args.push("--json");
+        }
+        // The worker reads the request first, so the garbage arrives where a
+        // response should.
+        args.extend_from_slice(&["--", "sh", "-c", "head -c 1 >/dev/null; echo garbage"]);
+        let r = client(&args, d.path());
+        assert_eq!(r.code, Some(3));
+        assert!(r.stderr.contains("protocol violation"), "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("last bytes read from stdout: \"garbage\\n\""),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn worker_that_writes_a_stray_line_before_its_response_is_caught() {
+    let d = dir();
+    let r = client(
+        &[
+            "bazel",
+            "--timeout-ms",
+            "2000",
+            "--request",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; exec \"$0\" \"$@\"",
+            WORKER,
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(r.stderr.contains("protocol violation"), "{}", r.stderr);
+    assert!(r.stderr.contains("\"hello\\n"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_worker_program_and_usage_errors() {
+    let d = dir();
+    let r = client(
+        &["bazel", "--request", "x", "--", "no-such-worker-program"],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(r.stderr.contains("cannot start the worker"), "{}", r.stderr);
+    let r = client(&["bazel", "--", WORKER], d.path());
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("no requests"), "{}", r.stderr);
+}
