@@ -1,0 +1,94 @@
+# Rules for the persistent-worker example.
+#
+# `worker` describes how to start the tool; `demo` runs one request through it.
+# The same command line serves three purposes:
+#   * one-shot fallback: `<command> @argfile` (no WORKER_SOCKET, no --persistent_worker)
+#   * local Buck2 worker: Buck2 starts `<command>` with WORKER_SOCKET set
+#   * remote worker: the executor starts `<command> --persistent_worker`
+# so every scenario runs the very same binary with the very same flags.
+
+load("@prelude//utils:argfile.bzl", "at_argfile")
+
+def _worker_impl(ctx: AnalysisContext) -> list[Provider]:
+    command = cmd_args(
+        ctx.attrs.binary,
+        "--work-ms",
+        str(ctx.attrs.work_ms),
+        "--concurrency",
+        str(ctx.attrs.concurrency),
+    )
+    return [
+        DefaultInfo(),
+        # The one-shot form, used when the execution platform has workers off.
+        RunInfo(args = command),
+        # The long-lived form. Buck2 keeps one process per WorkerInfo for the
+        # length of a build command and lets `concurrency` requests into it at
+        # once; with the Bazel remote protocol flag, a remote executor may keep
+        # it across actions too.
+        WorkerInfo(
+            exe = command,
+            concurrency = ctx.attrs.concurrency,
+            supports_bazel_remote_persistent_worker_protocol = True,
+        ),
+    ]
+
+worker_rule = rule(
+    impl = _worker_impl,
+    attrs = {
+        # The tool: a bare name is looked up on PATH, or give a path.
+        "binary": attrs.string(),
+        "concurrency": attrs.int(default = 4),
+        "work_ms": attrs.int(default = 1000),
+    },
+)
+
+def _demo_impl(ctx: AnalysisContext) -> list[Provider]:
+    out = ctx.actions.declare_output(ctx.label.name)
+
+    # One request = one argument, the output file. It travels in an @argfile:
+    # remote persistent workers accept only @file/--flagfile arguments, and
+    # local workers receive the unexpanded `@path` and read the file themselves.
+    argfile = at_argfile(
+        actions = ctx.actions,
+        name = ctx.label.name + ".args",
+        args = cmd_args(out.as_output()),
+    )
+
+    tool = ctx.attrs.worker
+    ctx.actions.run(
+        cmd_args(argfile),
+        category = "demo",
+        exe = WorkerRunInfo(
+            worker = tool[WorkerInfo],
+            exe = tool[RunInfo].args,
+        ),
+        env = {"CACHE_SILO_KEY": ctx.attrs.cache_silo_key},
+    )
+    return [DefaultInfo(default_output = out)]
+
+demo_rule = rule(
+    impl = _demo_impl,
+    attrs = {
+        "cache_silo_key": attrs.string(default = ""),
+        "worker": attrs.exec_dep(providers = [WorkerInfo, RunInfo]),
+    },
+)
+
+# Macros: buckconfig values can only be read while BUCK files are evaluated,
+# so they are read here and handed to the rules as attributes.
+
+def worker(name, **kwargs):
+    worker_rule(
+        name = name,
+        binary = read_root_config("persistent_worker", "binary", "persistent-worker"),
+        work_ms = int(read_root_config("persistent_worker", "work_ms", "1000")),
+        concurrency = int(read_root_config("persistent_worker", "concurrency", "4")),
+        **kwargs
+    )
+
+def demo(name, **kwargs):
+    demo_rule(
+        name = name,
+        cache_silo_key = read_root_config("build", "cache_silo_key", ""),
+        **kwargs
+    )
