@@ -5,6 +5,8 @@
 //!
 //! Two fault-injection flags exist so tests and users can watch the worker
 //! survive a misbehaving tool: `--panic` and `--print-stdout TEXT`.
+//! `--print-env NAME` reports a variable of the request's env (Buck2 sends
+//! env per request), so a client can see it arrived.
 
 use std::io::Write;
 use std::path::Path;
@@ -12,8 +14,10 @@ use std::time::Duration;
 
 use crate::request::{Handler, Request, Response};
 
-pub const USAGE: &str = "usage: [--work-ms N] [--panic] [--print-stdout TEXT] OUTFILE
-writes the file name of OUTFILE and a newline to OUTFILE\n";
+pub const USAGE: &str =
+    "usage: [--work-ms N] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
+writes the file name of OUTFILE and a newline to OUTFILE;
+--print-env NAME adds NAME=VALUE from the request's env to the message\n";
 
 /// The demo tool with its start-up configuration.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +31,7 @@ struct DemoArgs {
     work: Option<Duration>,
     panic: bool,
     print_stdout: Option<String>,
+    print_env: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<DemoArgs, String> {
@@ -38,6 +43,7 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
         work: None,
         panic: false,
         print_stdout: None,
+        print_env: None,
     };
     let text = |v: std::ffi::OsString| v.into_string().map_err(|_| "argument is not UTF-8");
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -53,6 +59,9 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
             Long("panic") => parsed.panic = true,
             Long("print-stdout") => {
                 parsed.print_stdout = Some(text(parser.value().map_err(|e| e.to_string())?)?)
+            }
+            Long("print-env") => {
+                parsed.print_env = Some(text(parser.value().map_err(|e| e.to_string())?)?)
             }
             Value(v) => outfiles.push(text(v)?),
             other => return Err(other.unexpected().to_string()),
@@ -90,8 +99,15 @@ impl Handler for Demo {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let env = match &args.print_env {
+            Some(key) => match request.env.iter().find(|(k, _)| k == key) {
+                Some((_, value)) => format!("demo: env {key}={value}\n"),
+                None => format!("demo: env {key} is not set\n"),
+            },
+            None => String::new(),
+        };
         match std::fs::write(&path, format!("{name}\n")) {
-            Ok(()) => Response::ok(format!("demo: wrote {}\n", args.outfile)),
+            Ok(()) => Response::ok(format!("{env}demo: wrote {}\n", args.outfile)),
             Err(e) => Response::error(1, format!("demo: cannot write {}: {e}\n", path.display())),
         }
     }
@@ -149,6 +165,28 @@ mod tests {
         assert_eq!(response.exit_code, 1);
         assert!(
             response.output.contains("No such file"),
+            "{}",
+            response.output
+        );
+    }
+
+    #[test]
+    fn print_env_reports_the_request_env() {
+        let d = tempfile::tempdir().unwrap();
+        let mut req = Request::new(
+            vec!["--print-env".into(), "K".into(), "o".into()],
+            d.path().into(),
+        );
+        req.env.push(("K".into(), "v".into()));
+        let response = Demo::default().handle(&req);
+        assert!(
+            response.output.starts_with("demo: env K=v\n"),
+            "{}",
+            response.output
+        );
+        let response = run(&["--print-env", "MISSING", "o"], d.path());
+        assert!(
+            response.output.contains("MISSING is not set"),
             "{}",
             response.output
         );

@@ -45,9 +45,12 @@ fn main() -> ExitCode {
         Mode::Bazel => run_bazel(handler, &options, cwd),
         Mode::Buck2 { socket } => buck2::serve(
             handler,
-            Pool::new(options.concurrency),
             &socket,
-            options.shutdown_grace,
+            &buck2::Settings {
+                concurrency: options.concurrency,
+                shutdown_grace: options.shutdown_grace,
+                verbose: options.verbose,
+            },
         ),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

@@ -1,22 +1,151 @@
-//! Buck2's local persistent-worker protocol: gRPC on the Unix socket named by
-//! `WORKER_SOCKET`. Not built yet.
+//! Buck2's local persistent-worker protocol: gRPC (grpcio, the C core) on the
+//! Unix socket named by `WORKER_SOCKET`.
+//!
+//! - [`service`]: method descriptors for `worker.Worker` and
+//!   `worker.WorkerStreaming` (public, for clients too) and registration.
+//! - [`calls`]: Execute, Exec and ExecuteStream as futures that move messages
+//!   between gRPC and the pool.
+//! - [`socket`]: path checks, long paths, mode 0600, removal.
+//! - [`lifecycle`]: signals, parent death, in-flight tracking for shutdown.
+
+pub mod calls;
+pub mod lifecycle;
+pub mod service;
+pub mod socket;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::{EnvBuilder, ServerBuilder, ServerCredentials};
 
 use crate::pool::Pool;
 use crate::request::Handler;
+use lifecycle::{block_on_until, Parent, Signals, Tracker};
 
-/// Serves Buck2 on `socket`; returns the process exit code.
-pub fn serve(
-    _handler: Arc<dyn Handler>,
-    _pool: Pool,
-    socket: &Path,
-    _grace: std::time::Duration,
-) -> i32 {
+/// Start-up settings of the Buck2 front end.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Pool threads: requests that run at once (`--concurrency`).
+    pub concurrency: usize,
+    /// After SIGTERM/SIGINT, how long running requests may finish.
+    pub shutdown_grace: Duration,
+    /// Log each request's start and end on stderr.
+    pub verbose: bool,
+}
+
+/// Serves Buck2 on `socket` until a stop signal or the parent's death, then
+/// exits the process. Returns (exit code 2) only when the worker cannot start.
+///
+/// Exiting rather than returning after a stop is deliberate: a handler that
+/// ignores its cancellation token must not keep the process alive by holding
+/// a pool thread that a return would join.
+pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i32 {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = match Signals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("persistent-worker: cannot block stop signals: {e}");
+            return 2;
+        }
+    };
+    let parent = Parent::watch();
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) => cwd,
+        Err(e) => {
+            eprintln!("persistent-worker: cannot read the current directory: {e}");
+            return 2;
+        }
+    };
+    if let Err(e) = socket::prepare(socket) {
+        eprintln!("persistent-worker: {e}");
+        return 2;
+    }
+    let address = match socket::Address::for_path(socket) {
+        Ok(address) => address,
+        Err(e) => {
+            eprintln!("persistent-worker: {e}");
+            return 2;
+        }
+    };
+
+    // One completion queue is plenty: its thread only moves messages.
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
+    let tracker = Arc::new(Tracker::default());
+    let shared = Arc::new(calls::Shared {
+        handler,
+        pool: Pool::new(settings.concurrency),
+        cwd: cwd.clone(),
+        identity: crate::process::identity(),
+        tracker: Arc::clone(&tracker),
+        verbose: settings.verbose,
+    });
+    let built = ServerBuilder::new(Arc::clone(&env))
+        .channel_args(service::unlimited_channel(Arc::clone(&env)).build_args())
+        .register_service(service::create_service(calls::Worker::new(shared)))
+        .build();
+    let mut server = match built {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("persistent-worker: cannot create the gRPC server: {e}");
+            return 2;
+        }
+    };
+    let listening = socket::with_private_umask(|| {
+        server.add_listening_port(address.uri.as_str(), ServerCredentials::insecure())
+    });
+    if let Err(e) = listening {
+        eprintln!(
+            "persistent-worker: cannot listen on {}: {e}",
+            socket.display()
+        );
+        return 2;
+    }
+    server.start();
+    let bound = socket::Bound::new(socket);
     eprintln!(
-        "persistent-worker: WORKER_SOCKET={} is set, but the Buck2 worker is not built yet",
-        socket.display()
+        "persistent-worker: Buck2 worker listening on {} (concurrency {}, pid {}, cwd {})",
+        socket.display(),
+        settings.concurrency,
+        std::process::id(),
+        cwd.display()
     );
-    2
+
+    loop {
+        let signal = signals.wait();
+        if signal == libc::SIGHUP {
+            if !parent.is_gone() {
+                continue;
+            }
+            let cancelled = tracker.drain();
+            tracker.cancel_all();
+            eprintln!(
+                "persistent-worker: parent process {} exited; stopping ({cancelled} request(s) cancelled)",
+                parent.pid()
+            );
+            bound.remove();
+            std::process::exit(0);
+        }
+        let name = lifecycle::signal_name(signal);
+        let running = tracker.drain();
+        eprintln!(
+            "persistent-worker: {name}: no new requests; waiting up to {} ms for {running} running request(s)",
+            settings.shutdown_grace.as_millis()
+        );
+        let mut shutdown = server.shutdown();
+        bound.remove();
+        let deadline = Instant::now() + settings.shutdown_grace;
+        if block_on_until(&mut shutdown, deadline).is_none() {
+            let cancelled = tracker.cancel_all();
+            eprintln!("persistent-worker: grace period over; cancelled {cancelled} request(s)");
+            let after = Instant::now() + lifecycle::AFTER_CANCEL;
+            if block_on_until(&mut shutdown, after).is_none() {
+                server.cancel_all_calls();
+                let _ = block_on_until(&mut shutdown, Instant::now() + Duration::from_millis(200));
+            }
+        }
+        eprintln!("persistent-worker: stopped");
+        drop(address);
+        std::process::exit(0);
+    }
 }

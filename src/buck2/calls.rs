@@ -1,0 +1,664 @@
+//! The three RPCs, each one future per call on the completion-queue thread.
+//!
+//! A call future only moves messages: it turns each incoming command into a
+//! [`Request`] and submits it to the pool, and sends back whatever the pool
+//! finished. The pool thread's completion callback drops the response into
+//! the call's mailbox and wakes the call's task; grpcio's task waker may be
+//! used from any thread and then kicks the completion queue, so the answer
+//! leaves without polling or locks shared with gRPC's threads.
+//!
+//! The sink stays with its call future rather than going to the pool thread
+//! because it is also the one place grpcio reports that the client dropped
+//! the call: the call future polls it for that and trips the request's
+//! token.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_util::{Sink, Stream};
+use grpcio::{DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode, WriteFlags};
+use protobuf::MessageField;
+
+use super::lifecycle::{Ticket, Tracker};
+use super::service::WorkerService;
+use crate::pool::Pool;
+use crate::proto::worker::{
+    execute_event, ExecuteCommand, ExecuteCommandStream, ExecuteEvent, ExecuteResponse,
+    ExecuteResponseStream,
+};
+use crate::request::{lock, CancelToken, Handler, Request, Response};
+
+/// Everything the calls share.
+pub struct Shared {
+    pub handler: Arc<dyn Handler>,
+    pub pool: Pool,
+    /// The worker's cwd (Buck2's project root): where argfiles and relative
+    /// outputs resolve.
+    pub cwd: PathBuf,
+    /// `<hostname> <pid> <cwd>` for the first line of every response.
+    pub identity: String,
+    pub tracker: Arc<Tracker>,
+    pub verbose: bool,
+}
+
+/// The service registered with gRPC.
+#[derive(Clone)]
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Worker {
+        Worker { shared }
+    }
+}
+
+impl WorkerService for Worker {
+    fn execute(
+        &mut self,
+        ctx: RpcContext<'_>,
+        requests: RequestStream<ExecuteCommand>,
+        sink: DuplexSink<ExecuteResponse>,
+    ) {
+        ctx.spawn(Call::new(Execute::default(), requests, sink, &self.shared));
+    }
+
+    fn exec(
+        &mut self,
+        ctx: RpcContext<'_>,
+        requests: RequestStream<ExecuteEvent>,
+        sink: DuplexSink<ExecuteResponse>,
+    ) {
+        ctx.spawn(Call::new(Exec::default(), requests, sink, &self.shared));
+    }
+
+    fn execute_stream(
+        &mut self,
+        ctx: RpcContext<'_>,
+        requests: RequestStream<ExecuteCommandStream>,
+        sink: DuplexSink<ExecuteResponseStream>,
+    ) {
+        ctx.spawn(Call::new(ExecuteStream, requests, sink, &self.shared));
+    }
+}
+
+/// What distinguishes the three RPCs: how incoming messages become requests
+/// and how a finished request goes back on the wire.
+trait Protocol: Send + Unpin + 'static {
+    type In: Send + 'static;
+    type Out: Send + 'static;
+    const NAME: &'static str;
+    /// The call carries exactly one request and ends once it is answered,
+    /// whether or not the client has half-closed.
+    const ONE_RESPONSE: bool;
+
+    fn on_message(&mut self, message: Self::In, requests: &mut Requests) -> Result<(), RpcStatus>;
+    fn on_end_of_input(&mut self, requests: &Requests) -> Result<(), RpcStatus>;
+    fn wire(id: u64, response: ExecuteResponse) -> Self::Out;
+}
+
+/// `worker.Worker/Execute`: one command, one response.
+#[derive(Default)]
+struct Execute {
+    started: bool,
+}
+
+impl Protocol for Execute {
+    type In = ExecuteCommand;
+    type Out = ExecuteResponse;
+    const NAME: &'static str = "Execute";
+    const ONE_RESPONSE: bool = true;
+
+    fn on_message(
+        &mut self,
+        command: ExecuteCommand,
+        requests: &mut Requests,
+    ) -> Result<(), RpcStatus> {
+        if self.started {
+            return Err(invalid("Execute takes exactly one ExecuteCommand"));
+        }
+        self.started = true;
+        requests.start(0, command);
+        Ok(())
+    }
+
+    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(invalid("Execute ended without an ExecuteCommand"))
+        }
+    }
+
+    fn wire(_: u64, response: ExecuteResponse) -> ExecuteResponse {
+        response
+    }
+}
+
+/// `worker.Worker/Exec`: a command, then possibly a cancel, one response.
+#[derive(Default)]
+struct Exec {
+    started: bool,
+}
+
+impl Protocol for Exec {
+    type In = ExecuteEvent;
+    type Out = ExecuteResponse;
+    const NAME: &'static str = "Exec";
+    const ONE_RESPONSE: bool = true;
+
+    fn on_message(
+        &mut self,
+        event: ExecuteEvent,
+        requests: &mut Requests,
+    ) -> Result<(), RpcStatus> {
+        match (event.data, self.started) {
+            (Some(execute_event::Data::Command(command)), false) => {
+                self.started = true;
+                requests.start(0, command);
+                Ok(())
+            }
+            (Some(execute_event::Data::Command(_)), true) => Err(invalid(
+                "Exec carries one command: a second ExecuteEvent with a command arrived",
+            )),
+            (Some(execute_event::Data::Cancel(_)), true) => {
+                requests.cancel_all();
+                Ok(())
+            }
+            (Some(execute_event::Data::Cancel(_)), false) => Err(invalid(
+                "the first ExecuteEvent of Exec must carry the command, not a cancel",
+            )),
+            _ => Err(invalid(
+                "an ExecuteEvent carried neither a command nor a cancel",
+            )),
+        }
+    }
+
+    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(invalid(
+                "Exec ended without an ExecuteEvent carrying the command",
+            ))
+        }
+    }
+
+    fn wire(_: u64, response: ExecuteResponse) -> ExecuteResponse {
+        response
+    }
+}
+
+/// `worker.WorkerStreaming/ExecuteStream`: many commands, each answered with
+/// its id as soon as it finishes.
+struct ExecuteStream;
+
+impl Protocol for ExecuteStream {
+    type In = ExecuteCommandStream;
+    type Out = ExecuteResponseStream;
+    const NAME: &'static str = "ExecuteStream";
+    const ONE_RESPONSE: bool = false;
+
+    fn on_message(
+        &mut self,
+        message: ExecuteCommandStream,
+        requests: &mut Requests,
+    ) -> Result<(), RpcStatus> {
+        let command = message.request.into_option().unwrap_or_default();
+        requests.start(message.id, command);
+        Ok(())
+    }
+
+    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+        Ok(())
+    }
+
+    fn wire(id: u64, response: ExecuteResponse) -> ExecuteResponseStream {
+        let mut wire = ExecuteResponseStream::new();
+        wire.id = id;
+        wire.response = MessageField::some(response);
+        wire
+    }
+}
+
+fn invalid(message: &str) -> RpcStatus {
+    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, message.to_owned())
+}
+
+/// Where pool threads leave finished requests for their call.
+#[derive(Default)]
+struct Mailbox {
+    inner: Mutex<MailboxInner>,
+}
+
+#[derive(Default)]
+struct MailboxInner {
+    done: Vec<(u64, Response)>,
+    waker: Option<Waker>,
+}
+
+impl Mailbox {
+    fn deliver(&self, key: u64, response: Response) {
+        let waker = {
+            let mut inner = lock(&self.inner);
+            inner.done.push((key, response));
+            inner.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn take(&self, cx: &Context<'_>) -> Vec<(u64, Response)> {
+        let mut inner = lock(&self.inner);
+        if !inner
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            inner.waker = Some(cx.waker().clone());
+        }
+        std::mem::take(&mut inner.done)
+    }
+}
+
+/// A request on the pool, as its call remembers it.
+struct Running {
+    id: u64,
+    token: CancelToken,
+    timeout_s: Option<u64>,
+    _ticket: Ticket,
+}
+
+/// The requests of one call: started, running, and answered but not yet sent.
+struct Requests {
+    shared: Arc<Shared>,
+    mailbox: Arc<Mailbox>,
+    running: HashMap<u64, Running>,
+    next_key: u64,
+    /// Responses waiting for the sink, with the id of their command.
+    ready: VecDeque<(u64, ExecuteResponse)>,
+    method: &'static str,
+}
+
+impl Requests {
+    fn start(&mut self, id: u64, command: ExecuteCommand) {
+        let shared = Arc::clone(&self.shared);
+        let (request, timeout_s) = match to_request(command, &shared.cwd) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                if shared.verbose {
+                    eprint!("worker: {} request {id} refused: {message}", self.method);
+                }
+                let response = to_wire(&shared.identity, Response::error(2, message), None);
+                self.ready.push_back((id, response));
+                return;
+            }
+        };
+        if let Some(seconds) = timeout_s {
+            request.cancel.set_timeout(Duration::from_secs(seconds));
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        if shared.verbose {
+            eprintln!(
+                "worker: {} request {id} started: {} argument(s), {} env entr(ies), timeout {}",
+                self.method,
+                request.args.len(),
+                request.env.len(),
+                timeout_s.map_or("none".to_owned(), |s| format!("{s} s")),
+            );
+        }
+        self.running.insert(
+            key,
+            Running {
+                id,
+                token: request.cancel.clone(),
+                timeout_s,
+                _ticket: shared.tracker.request(request.cancel.clone()),
+            },
+        );
+        let mailbox = Arc::clone(&self.mailbox);
+        let (method, verbose) = (self.method, shared.verbose);
+        shared
+            .pool
+            .submit(Arc::clone(&shared.handler), request, move |response| {
+                // Logged here, not by the call: a request whose client left
+                // still ends, and this is when its pool slot frees up.
+                if verbose {
+                    log_finished(method, id, &response);
+                }
+                mailbox.deliver(key, response)
+            });
+    }
+
+    fn cancel_all(&self) {
+        for running in self.running.values() {
+            running.token.cancel();
+        }
+    }
+
+    /// Moves what the pool finished into `ready`.
+    fn collect(&mut self, cx: &Context<'_>) {
+        for (key, response) in self.mailbox.take(cx) {
+            // A request whose call was abandoned is no longer listed.
+            let Some(running) = self.running.remove(&key) else {
+                continue;
+            };
+            let wire = to_wire(&self.shared.identity, response, running.timeout_s);
+            self.ready.push_back((running.id, wire));
+        }
+    }
+}
+
+fn log_finished(method: &str, id: u64, response: &Response) {
+    let mut how = String::new();
+    if response.cancelled {
+        how.push_str(", cancelled");
+    }
+    if response.timed_out {
+        how.push_str(", timed out");
+    }
+    eprintln!(
+        "worker: {method} request {id} finished: exit code {}{how}",
+        response.exit_code
+    );
+}
+
+/// Argv and env arrive as bytes; the handler takes text. Anything that is not
+/// UTF-8 is refused with exit code 2, naming the offending entry.
+fn to_request(command: ExecuteCommand, cwd: &Path) -> Result<(Request, Option<u64>), String> {
+    let args = command
+        .argv
+        .into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            String::from_utf8(arg).map_err(|e| {
+                format!(
+                    "worker: argument {i} ({:?}) is not valid UTF-8: {}\n",
+                    String::from_utf8_lossy(e.as_bytes()),
+                    e.utf8_error()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = command
+        .env
+        .into_iter()
+        .map(|entry| {
+            let shown = String::from_utf8_lossy(&entry.key).into_owned();
+            let key = String::from_utf8(entry.key).map_err(|_| {
+                format!("worker: environment variable name {shown:?} is not valid UTF-8\n")
+            })?;
+            let value = String::from_utf8(entry.value).map_err(|_| {
+                format!("worker: value of environment variable {shown} is not valid UTF-8\n")
+            })?;
+            Ok((key, value))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut request = Request::new(args, cwd.to_path_buf());
+    request.env = env;
+    // Zero would time out before starting; Buck2 sends no value for "no timeout",
+    // so a zero can only mean an action timeout that rounded down.
+    Ok((request, command.timeout_s.filter(|&s| s > 0)))
+}
+
+fn to_wire(identity: &str, response: Response, timeout_s: Option<u64>) -> ExecuteResponse {
+    let mut wire = ExecuteResponse::new();
+    wire.exit_code = response.exit_code;
+    wire.stderr = format!("Buck2 persistent worker {identity}\n{}", response.output);
+    if response.timed_out {
+        wire.timed_out_after_s = timeout_s;
+    }
+    wire
+}
+
+/// How a call ends once it stops taking work.
+enum Ending {
+    Closing,
+    Failing(grpcio::DuplexSinkFailure),
+}
+
+/// One RPC in progress.
+struct Call<P: Protocol> {
+    protocol: P,
+    /// Kept until the call is over even when no longer read: dropping a
+    /// request stream before the client's half-close cancels the call.
+    input: RequestStream<P::In>,
+    reading: bool,
+    sink: Option<DuplexSink<P::Out>>,
+    requests: Requests,
+    /// A response handed to gRPC whose write has not completed yet.
+    writing: bool,
+    sent: usize,
+    ending: Option<Ending>,
+    registration: Option<Ticket>,
+}
+
+impl<P: Protocol> Call<P> {
+    fn new(
+        protocol: P,
+        input: RequestStream<P::In>,
+        sink: DuplexSink<P::Out>,
+        shared: &Arc<Shared>,
+    ) -> Call<P> {
+        Call {
+            protocol,
+            input,
+            reading: true,
+            sink: Some(sink),
+            requests: Requests {
+                shared: Arc::clone(shared),
+                mailbox: Arc::default(),
+                running: HashMap::new(),
+                next_key: 0,
+                ready: VecDeque::new(),
+                method: P::NAME,
+            },
+            writing: false,
+            sent: 0,
+            ending: None,
+            registration: None,
+        }
+    }
+
+    /// The client went away (or the call broke): nobody can receive an
+    /// answer, so stop the work and free the pool slots.
+    fn abandon(&mut self, why: &str) -> Poll<()> {
+        if self.requests.shared.verbose || !self.requests.running.is_empty() {
+            eprintln!(
+                "worker: {} call ended by the client ({why}); cancelling {} running request(s)",
+                P::NAME,
+                self.requests.running.len()
+            );
+        }
+        self.requests.cancel_all();
+        self.requests.running.clear();
+        Poll::Ready(())
+    }
+
+    fn fail(&mut self, status: RpcStatus) {
+        eprintln!("worker: {} call rejected: {}", P::NAME, status.message());
+        self.requests.cancel_all();
+        self.requests.running.clear();
+        self.reading = false;
+        if let Some(sink) = self.sink.take() {
+            self.ending = Some(Ending::Failing(sink.fail(status)));
+        }
+    }
+
+    fn finished(&self) -> bool {
+        let idle =
+            self.requests.running.is_empty() && self.requests.ready.is_empty() && !self.writing;
+        if P::ONE_RESPONSE {
+            self.sent > 0 && idle
+        } else {
+            !self.reading && idle
+        }
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.registration.is_none() {
+            self.registration = Some(self.requests.shared.tracker.call(cx.waker().clone()));
+        }
+        loop {
+            match &mut self.ending {
+                Some(Ending::Failing(failure)) => {
+                    let _ = futures_util::ready!(Pin::new(failure).poll(cx));
+                    return Poll::Ready(());
+                }
+                Some(Ending::Closing) => {
+                    let Some(sink) = self.sink.as_mut() else {
+                        return Poll::Ready(());
+                    };
+                    if let Err(e) = futures_util::ready!(Pin::new(sink).poll_close(cx)) {
+                        if self.requests.shared.verbose {
+                            eprintln!("worker: {} call could not finish: {e}", P::NAME);
+                        }
+                    }
+                    return Poll::Ready(());
+                }
+                None => {}
+            }
+            let mut progress = false;
+
+            if self.reading && self.requests.shared.tracker.is_draining() {
+                self.reading = false;
+                if P::ONE_RESPONSE
+                    && self.sent == 0
+                    && self.requests.running.is_empty()
+                    && self.requests.ready.is_empty()
+                {
+                    self.fail(RpcStatus::with_message(
+                        RpcStatusCode::UNAVAILABLE,
+                        "the worker is shutting down".to_owned(),
+                    ));
+                    continue;
+                }
+            }
+
+            self.requests.collect(cx);
+
+            let Some(sink) = self.sink.as_mut() else {
+                return Poll::Ready(());
+            };
+            // Also the client-gone check: the sink's readiness fails once the
+            // call is over without our status, i.e. cancelled by the peer.
+            match Pin::new(&mut *sink).poll_ready(cx) {
+                Poll::Ready(Err(e)) => return self.abandon(&e.to_string()),
+                Poll::Ready(Ok(())) => {
+                    if self.writing {
+                        self.writing = false;
+                        self.sent += 1;
+                        progress = true;
+                    }
+                    if let Some((id, response)) = self.requests.ready.pop_front() {
+                        let message = P::wire(id, response);
+                        if let Err(e) =
+                            Pin::new(&mut *sink).start_send((message, WriteFlags::default()))
+                        {
+                            return self.abandon(&e.to_string());
+                        }
+                        self.writing = true;
+                        continue;
+                    }
+                }
+                Poll::Pending => {}
+            }
+
+            if self.reading {
+                match Pin::new(&mut self.input).poll_next(cx) {
+                    Poll::Ready(Some(Ok(message))) => {
+                        progress = true;
+                        if let Err(status) = self.protocol.on_message(message, &mut self.requests) {
+                            self.fail(status);
+                            continue;
+                        }
+                    }
+                    Poll::Ready(Some(Err(grpcio::Error::Codec(e)))) => {
+                        self.fail(RpcStatus::with_message(
+                            RpcStatusCode::INVALID_ARGUMENT,
+                            format!("cannot decode the request: {e}"),
+                        ));
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => return self.abandon(&e.to_string()),
+                    Poll::Ready(None) => {
+                        progress = true;
+                        self.reading = false;
+                        if let Err(status) = self.protocol.on_end_of_input(&self.requests) {
+                            self.fail(status);
+                            continue;
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            if self.finished() {
+                self.ending = Some(Ending::Closing);
+                continue;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl<P: Protocol> Future for Call<P> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.get_mut().step(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::worker::execute_command::EnvironmentEntry;
+
+    fn command(argv: &[&[u8]]) -> ExecuteCommand {
+        let mut c = ExecuteCommand::new();
+        c.argv = argv.iter().map(|a| a.to_vec()).collect();
+        c
+    }
+
+    #[test]
+    fn argv_and_env_become_the_request() {
+        let mut c = command(&[b"--work-ms", b"5", b"out"]);
+        let mut e = EnvironmentEntry::new();
+        e.key = b"K".to_vec();
+        e.value = b"v".to_vec();
+        c.env.push(e);
+        c.timeout_s = Some(3);
+        let (request, timeout) = to_request(c, Path::new("/root")).unwrap();
+        assert_eq!(request.args, ["--work-ms", "5", "out"]);
+        assert_eq!(request.env, [("K".to_owned(), "v".to_owned())]);
+        assert_eq!(request.workdir, Path::new("/root"));
+        assert_eq!(timeout, Some(3));
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_argument() {
+        let e = to_request(command(&[b"ok", b"bad\xff"]), Path::new(".")).unwrap_err();
+        assert!(e.contains("argument 1"), "{e}");
+    }
+
+    #[test]
+    fn wire_response_starts_with_identity_and_reports_timeouts() {
+        let mut r = Response::stopped(crate::request::Stop::TimedOut, "late\n");
+        r.timed_out = true;
+        let wire = to_wire("h 1 /x", r, Some(7));
+        assert_eq!(wire.stderr, "Buck2 persistent worker h 1 /x\nlate\n");
+        assert_eq!(wire.timed_out_after_s, Some(7));
+        let wire = to_wire("h 1 /x", Response::ok("fine\n"), Some(7));
+        assert_eq!(wire.timed_out_after_s, None);
+    }
+}

@@ -1,0 +1,707 @@
+//! The Buck2 mode end to end: the real binary serving on a real Unix socket,
+//! driven by a grpcio client through the crate's public method descriptors.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use grpcio::{CallOption, Environment, RpcStatusCode, WriteFlags};
+use persistent_worker::buck2::lifecycle::block_on_until;
+use persistent_worker::buck2::service::{self, Connection, EXEC, EXECUTE, EXECUTE_STREAM};
+use persistent_worker::proto::worker::execute_command::EnvironmentEntry;
+use persistent_worker::proto::worker::{
+    execute_event, ExecuteCancel, ExecuteCommand, ExecuteCommandStream, ExecuteEvent,
+    ExecuteResponse,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
+
+/// Runs a test body on its own thread and fails it if it takes longer than
+/// `limit`, so a hung worker or call cannot hang the suite.
+fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = channel();
+    let runner = thread::spawn(move || {
+        let _ = tx.send(body());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => value,
+        Err(RecvTimeoutError::Disconnected) => match runner.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the body sends before it returns"),
+        },
+        Err(RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// Waits for a gRPC future with a deadline.
+fn wait<F: std::future::Future + Unpin>(mut future: F, limit: Duration) -> F::Output {
+    block_on_until(&mut future, Instant::now() + limit)
+        .unwrap_or_else(|| panic!("call did not complete within {limit:?}"))
+}
+
+fn env() -> Arc<Environment> {
+    Arc::new(Environment::new(1))
+}
+
+/// A worker process with its stderr read line by line.
+struct Worker {
+    child: Child,
+    socket: PathBuf,
+    lines: Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Worker {
+    fn start(dir: &Path, args: &[&str]) -> Worker {
+        Worker::start_at(dir, &dir.join("socket"), args)
+    }
+
+    fn start_at(dir: &Path, socket: &Path, args: &[&str]) -> Worker {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("WORKER_SOCKET", socket)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the worker");
+        let lines = read_lines(child.stderr.take().expect("piped stderr"));
+        let mut worker = Worker {
+            child,
+            socket: socket.to_path_buf(),
+            lines,
+            log: Vec::new(),
+        };
+        worker.expect_line("listening on", Duration::from_secs(10));
+        worker
+    }
+
+    /// Waits for a stderr line containing `needle`, returning it.
+    fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no stderr line containing {needle:?} ({e:?}); stderr so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn connect(&self, env: Arc<Environment>) -> Connection {
+        service::connect(env, &self.socket).expect("connecting")
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: sends a signal to our own child process.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit, reading the rest of its stderr.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => self.log.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("worker did not exit; stderr:\n{}", self.log.join("\n"))
+                }
+            }
+        }
+        let status = self.child.wait().expect("waiting for the worker");
+        (status, std::mem::take(&mut self.log))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn command(argv: &[&str]) -> ExecuteCommand {
+    let mut c = ExecuteCommand::new();
+    c.argv = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+    c
+}
+
+fn opt() -> CallOption {
+    CallOption::default().timeout(Duration::from_secs(30))
+}
+
+fn execute(conn: &Connection, c: &ExecuteCommand) -> ExecuteResponse {
+    conn.client()
+        .unary_call(&EXECUTE, c, opt())
+        .expect("Execute call")
+}
+
+fn hostname() -> String {
+    persistent_worker::process::hostname()
+}
+
+#[test]
+fn execute_writes_the_file_and_prefixes_stderr_with_the_identity() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().canonicalize().unwrap();
+        let worker = Worker::start(&dir, &[]);
+        let conn = worker.connect(env());
+        let response = execute(&conn, &command(&["out.txt"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        let first = format!(
+            "Buck2 persistent worker {} {} {}\n",
+            hostname(),
+            worker.child.id(),
+            dir.display()
+        );
+        assert!(response.stderr.starts_with(&first), "{:?}", response.stderr);
+        assert!(response.stderr.contains("demo: wrote out.txt"));
+        assert_eq!(response.timed_out_after_s, None);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("out.txt")).unwrap(),
+            "out.txt\n"
+        );
+    });
+}
+
+#[test]
+fn execute_expands_an_argfile_relative_to_the_worker_cwd() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("args"), "--work-ms\n0\nsub/from-argfile\n").unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let response = execute(&worker.connect(env()), &command(&["@args"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("sub/from-argfile")).unwrap(),
+            "from-argfile\n"
+        );
+    });
+}
+
+#[test]
+fn exec_cancel_event_stops_the_running_request() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let mut worker = Worker::start(d.path(), &["--verbose"]);
+        let conn = worker.connect(env());
+        let client = conn.client();
+        let (mut tx, rx) = client.client_streaming(&EXEC, opt()).unwrap();
+        let mut start = ExecuteEvent::new();
+        start.data = Some(execute_event::Data::Command(command(&[
+            "--work-ms",
+            "60000",
+            "never.txt",
+        ])));
+        let began = Instant::now();
+        wait(
+            Box::pin(tx.send((start, WriteFlags::default()))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        worker.expect_line("Exec request 0 started", Duration::from_secs(10));
+        let mut cancel = ExecuteEvent::new();
+        cancel.data = Some(execute_event::Data::Cancel(ExecuteCancel::new()));
+        wait(
+            Box::pin(tx.send((cancel, WriteFlags::default()))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        wait(Box::pin(tx.close()), Duration::from_secs(10)).unwrap();
+        let response = wait(rx, Duration::from_secs(10)).unwrap();
+        assert!(began.elapsed() < Duration::from_secs(30));
+        assert_eq!(response.exit_code, 1, "{}", response.stderr);
+        assert!(
+            response.stderr.contains("stopped before writing never.txt"),
+            "{}",
+            response.stderr
+        );
+        assert!(!d.path().join("never.txt").exists());
+    });
+}
+
+#[test]
+fn exec_without_a_leading_command_is_invalid_argument() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let conn = worker.connect(env());
+        // A cancel first.
+        let (mut tx, rx) = conn.client().client_streaming(&EXEC, opt()).unwrap();
+        let mut cancel = ExecuteEvent::new();
+        cancel.data = Some(execute_event::Data::Cancel(ExecuteCancel::new()));
+        let _ = wait(
+            Box::pin(tx.send((cancel, WriteFlags::default()))),
+            Duration::from_secs(10),
+        );
+        let _ = wait(Box::pin(tx.close()), Duration::from_secs(10));
+        match wait(rx, Duration::from_secs(10)) {
+            Err(grpcio::Error::RpcFailure(status)) => {
+                assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
+                assert!(status.message().contains("first ExecuteEvent"));
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        // No event at all.
+        let (mut tx, rx) = conn.client().client_streaming(&EXEC, opt()).unwrap();
+        let _ = wait(Box::pin(tx.close()), Duration::from_secs(10));
+        match wait(rx, Duration::from_secs(10)) {
+            Err(grpcio::Error::RpcFailure(status)) => {
+                assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT)
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        // The worker keeps serving.
+        assert_eq!(execute(&conn, &command(&["after"])).exit_code, 0);
+    });
+}
+
+#[test]
+fn execute_stream_answers_out_of_order_matched_by_id() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &["--concurrency", "8"]);
+        let conn = worker.connect(env());
+        let (mut tx, mut rx) = conn
+            .client()
+            .duplex_streaming(&EXECUTE_STREAM, opt())
+            .unwrap();
+        // Earlier ids work longer, so they finish last.
+        for id in 0..8u64 {
+            let mut m = ExecuteCommandStream::new();
+            m.id = id;
+            let work = ((8 - id) * 80).to_string();
+            let out = format!("out{id}");
+            m.request = protobuf::MessageField::some(command(&["--work-ms", &work, &out]));
+            wait(
+                Box::pin(tx.send((m, WriteFlags::default()))),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        }
+        wait(Box::pin(tx.close()), Duration::from_secs(10)).unwrap();
+        let mut order = Vec::new();
+        while let Some(message) = wait(rx.next(), Duration::from_secs(20)) {
+            let message = message.unwrap();
+            let response = message.response.into_option().expect("a response");
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            assert!(
+                response
+                    .stderr
+                    .contains(&format!("demo: wrote out{}\n", message.id)),
+                "id {} got {}",
+                message.id,
+                response.stderr
+            );
+            order.push(message.id);
+        }
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        assert_ne!(order, sorted, "responses should come as they finish");
+        assert_eq!(
+            order[0], 7,
+            "the shortest request finishes first: {order:?}"
+        );
+    });
+}
+
+#[test]
+fn a_client_that_drops_its_calls_frees_the_pool_slots() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let mut worker = Worker::start(d.path(), &["--concurrency", "1", "--verbose"]);
+        let conn = worker.connect(env());
+        let client = conn.client();
+
+        // Unary: the way Buck2 cancels, by dropping the call.
+        let mut call = client
+            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "a"]), opt())
+            .unwrap();
+        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        call.cancel();
+        drop(call);
+        worker.expect_line("Execute request 0 finished", Duration::from_secs(10));
+
+        // Streaming: a disconnect cancels what is in flight.
+        let (mut tx, rx) = client.duplex_streaming(&EXECUTE_STREAM, opt()).unwrap();
+        let mut m = ExecuteCommandStream::new();
+        m.id = 41;
+        m.request = protobuf::MessageField::some(command(&["--work-ms", "60000", "b"]));
+        wait(
+            Box::pin(tx.send((m, WriteFlags::default()))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        worker.expect_line("ExecuteStream request 41 started", Duration::from_secs(10));
+        tx.cancel();
+        drop(rx);
+        drop(tx);
+        worker.expect_line("ExecuteStream request 41 finished", Duration::from_secs(10));
+
+        // With one pool thread, this runs only because both slots came back.
+        let began = Instant::now();
+        let response = execute(&conn, &command(&["c"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert!(began.elapsed() < Duration::from_secs(10));
+    });
+}
+
+#[test]
+fn timeout_is_reported_as_timed_out_after_s() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let mut c = command(&["--work-ms", "60000", "slow"]);
+        c.timeout_s = Some(1);
+        let began = Instant::now();
+        let response = execute(&worker.connect(env()), &c);
+        let took = began.elapsed();
+        assert_eq!(response.timed_out_after_s, Some(1), "{}", response.stderr);
+        assert_ne!(response.exit_code, 0);
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        assert!(!d.path().join("slow").exists());
+    });
+}
+
+#[test]
+fn invalid_utf8_argv_is_exit_code_2_and_the_worker_goes_on() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let conn = worker.connect(env());
+        let mut c = ExecuteCommand::new();
+        c.argv = vec![
+            b"--work-ms".to_vec(),
+            b"0".to_vec(),
+            b"bad\xff\xfe".to_vec(),
+        ];
+        let response = execute(&conn, &c);
+        assert_eq!(response.exit_code, 2, "{}", response.stderr);
+        assert!(response.stderr.starts_with("Buck2 persistent worker "));
+        assert!(
+            response.stderr.contains("argument 2"),
+            "{}",
+            response.stderr
+        );
+        assert_eq!(execute(&conn, &command(&["fine"])).exit_code, 0);
+    });
+}
+
+#[test]
+fn env_entries_reach_the_handler() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let mut c = command(&["--print-env", "CACHE_SILO_KEY", "out"]);
+        let mut entry = EnvironmentEntry::new();
+        entry.key = b"CACHE_SILO_KEY".to_vec();
+        entry.value = b"silo 42".to_vec();
+        c.env.push(entry);
+        let response = execute(&worker.connect(env()), &c);
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert!(
+            response
+                .stderr
+                .contains("demo: env CACHE_SILO_KEY=silo 42\n"),
+            "{}",
+            response.stderr
+        );
+    });
+}
+
+#[test]
+fn four_mib_of_argv_goes_through_both_ways() {
+    within(Duration::from_secs(60), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let big = "N".repeat(4 << 20);
+        // The unknown variable's name comes back in the message, so the
+        // response is over 4 MiB as well.
+        let response = execute(
+            &worker.connect(env()),
+            &command(&["--print-env", &big, "out"]),
+        );
+        assert_eq!(response.exit_code, 0);
+        assert!(response.stderr.len() > 4 << 20);
+        assert!(response
+            .stderr
+            .contains(&format!("demo: env {big} is not set")));
+    });
+}
+
+/// Runs 4 Execute calls at once and returns when each finished, in ms since
+/// they were sent.
+fn four_at_once(worker: &Worker) -> Vec<u128> {
+    let env = env();
+    let began = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let conn = worker.connect(Arc::clone(&env));
+            thread::spawn(move || {
+                let response = execute(&conn, &command(&[&format!("out{i}")]));
+                assert_eq!(response.exit_code, 0, "{}", response.stderr);
+                began.elapsed().as_millis()
+            })
+        })
+        .collect();
+    let mut done: Vec<u128> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    done.sort();
+    done
+}
+
+#[test]
+fn four_calls_overlap_with_concurrency_4() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &["--concurrency", "4", "--work-ms", "500"]);
+        let done = four_at_once(&worker);
+        // Run one after another they would need 2000 ms.
+        assert!(done[3] < 1400, "finish times {done:?}");
+        assert!(done[0] >= 500, "finish times {done:?}");
+    });
+}
+
+#[test]
+fn four_calls_queue_with_concurrency_1() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &["--concurrency", "1", "--work-ms", "500"]);
+        let done = four_at_once(&worker);
+        for pair in done.windows(2) {
+            assert!(pair[1] - pair[0] >= 450, "finish times {done:?}");
+        }
+        assert!(done[3] >= 2000, "finish times {done:?}");
+    });
+}
+
+#[test]
+fn socket_is_created_with_mode_0600() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        let meta = std::fs::symlink_metadata(&worker.socket).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    });
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("socket");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let worker = Worker::start(d.path(), &[]);
+        assert_eq!(
+            execute(&worker.connect(env()), &command(&["x"])).exit_code,
+            0
+        );
+    });
+}
+
+fn start_failure(dir: &Path, socket: &Path) -> (Option<i32>, String) {
+    let output = Command::new(BIN)
+        .env("WORKER_SOCKET", socket)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_path_that_is_not_a_socket_is_refused_with_exit_2() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("socket");
+        std::fs::write(&path, "precious").unwrap();
+        let (code, stderr) = start_failure(d.path(), &path);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("not a socket"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    });
+}
+
+#[test]
+fn a_missing_socket_directory_is_exit_2() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let (code, stderr) = start_failure(d.path(), &d.path().join("no/such/dir/socket"));
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("does not exist"), "{stderr}");
+    });
+}
+
+#[test]
+fn a_socket_path_over_108_bytes_works() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("a".repeat(60)).join("b".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let socket = deep.join("socket");
+        assert!(socket.as_os_str().len() > 108);
+        let worker = Worker::start_at(d.path(), &socket, &[]);
+        assert!(std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        assert_eq!(
+            execute(&worker.connect(env()), &command(&["y"])).exit_code,
+            0
+        );
+        let (status, _) = {
+            worker.signal(libc::SIGTERM);
+            worker.finish(Duration::from_secs(10))
+        };
+        assert!(status.success());
+        assert!(!socket.exists());
+    });
+}
+
+#[test]
+fn sigterm_answers_the_request_in_flight_removes_the_socket_and_exits_0() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let mut worker = Worker::start(d.path(), &["--verbose", "--work-ms", "800"]);
+        let conn = worker.connect(env());
+        let call = conn
+            .client()
+            .unary_call_async(&EXECUTE, &command(&["in-flight"]), opt())
+            .unwrap();
+        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        worker.signal(libc::SIGTERM);
+        let response = wait(call, Duration::from_secs(10)).unwrap();
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert!(d.path().join("in-flight").exists());
+        let socket = worker.socket.clone();
+        let (status, log) = worker.finish(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+        assert!(!socket.exists(), "socket left behind");
+    });
+}
+
+#[test]
+fn sigterm_cancels_what_outlives_the_grace_period() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let mut worker = Worker::start(d.path(), &["--verbose", "--shutdown-grace-ms", "300"]);
+        let conn = worker.connect(env());
+        let call = conn
+            .client()
+            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "late"]), opt())
+            .unwrap();
+        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        let began = Instant::now();
+        worker.signal(libc::SIGINT);
+        let response = wait(call, Duration::from_secs(10)).unwrap();
+        assert_ne!(response.exit_code, 0);
+        assert!(response.stderr.contains("stopped before writing late"));
+        let (status, _) = worker.finish(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0));
+        assert!(began.elapsed() < Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn the_worker_exits_when_its_parent_dies() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let socket = d.path().join("socket");
+        // `sh` stands in for Buck2's daemon: the worker is its child.
+        let mut parent = Command::new("sh")
+            .arg("-c")
+            .arg("\"$0\" </dev/null >/dev/null & echo $!; wait")
+            .arg(BIN)
+            .env("WORKER_SOCKET", &socket)
+            .current_dir(d.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pid = String::new();
+        BufReader::new(parent.stdout.take().unwrap())
+            .read_line(&mut pid)
+            .unwrap();
+        let pid: i32 = pid.trim().parse().expect("worker pid");
+        let lines = read_lines(parent.stderr.take().unwrap());
+        let mut log = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("start-up line");
+            let started = line.contains("listening on");
+            log.push(line);
+            if started {
+                break;
+            }
+        }
+        parent.kill().unwrap();
+        parent.wait().unwrap();
+        // The worker holds the other end of the stderr pipe until it exits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => log.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    // SAFETY: cleaning up the orphan we could not stop.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("worker {pid} outlived its parent:\n{}", log.join("\n"));
+                }
+            }
+        }
+        assert!(
+            log.iter().any(|l| l.contains("parent process")),
+            "{}",
+            log.join("\n")
+        );
+        assert!(!socket.exists(), "socket left behind");
+    });
+}
