@@ -477,3 +477,152 @@ fn missing_worker_program_and_usage_errors() {
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains("no requests"), "{}", r.stderr);
 }
+
+#[test]
+fn buck2_execute_with_env() {
+    let d = dir();
+    let r = client(
+        &[
+            "buck2",
+            "--env",
+            "GREETING=hello",
+            "--request",
+            "--print-env GREETING a.txt",
+            "--request",
+            "b.txt",
+            "--",
+            WORKER,
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(
+        r.stdout.contains("it accepted connections after"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stdout.matches("Buck2 persistent worker").count(),
+        2,
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("GREETING=hello"), "{}", r.stdout);
+    assert!(r
+        .stdout
+        .contains("2 response(s) via Execute: 0 failed; protocol OK"));
+    assert!(r.stdout.contains("the worker exited cleanly on SIGTERM"));
+    assert_eq!(read(d.path(), "a.txt"), "a.txt\n");
+    assert_eq!(read(d.path(), "b.txt"), "b.txt\n");
+}
+
+#[test]
+fn buck2_stream_keeps_requests_in_flight() {
+    let d = dir();
+    let r = client(
+        &[
+            "buck2",
+            "--stream",
+            "--concurrency",
+            "3",
+            "--request",
+            "s-{n}.txt",
+            "--repeat",
+            "3",
+            "--",
+            WORKER,
+            "--concurrency",
+            "3",
+            "--work-ms",
+            "200",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0));
+    let sent_before_first_answer = r
+        .stdout
+        .lines()
+        .take_while(|l| !l.starts_with("<-"))
+        .filter(|l| l.starts_with("-> request"))
+        .count();
+    assert_eq!(sent_before_first_answer, 3, "{}", r.stdout);
+    assert!(r
+        .stdout
+        .contains("3 response(s) via ExecuteStream: 0 failed; protocol OK"));
+    for n in 0..3 {
+        assert_eq!(
+            read(d.path(), &format!("s-{n}.txt")),
+            format!("s-{n}.txt\n")
+        );
+    }
+}
+
+#[test]
+fn buck2_worker_that_exits_early_or_never_listens() {
+    let d = dir();
+    let r = client(
+        &[
+            "buck2",
+            "--request",
+            "x",
+            "--",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 3",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stderr
+            .contains("the worker exited with status 3 before accepting connections"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("worker stderr:\n  oops"), "{}", r.stderr);
+    let r = client(
+        &[
+            "buck2",
+            "--timeout-ms",
+            "400",
+            "--request",
+            "x",
+            "--",
+            "sleep",
+            "30",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stderr.contains("did not accept connections on") && r.stderr.contains("within 400 ms"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn buck2_bench() {
+    let d = dir();
+    for stream in [false, true] {
+        let mut args = vec!["buck2", "--requests", "100", "--concurrency", "2"];
+        if stream {
+            args.push("--stream");
+        }
+        args.extend_from_slice(&[
+            "--json-out",
+            "b.json",
+            "--request",
+            "b-{n}.txt",
+            "--",
+            WORKER,
+        ]);
+        let r = client(&args, d.path());
+        assert_eq!(r.code, Some(0));
+        assert!(r.stdout.contains("buck2"), "{}", r.stdout);
+        assert!(r.stdout.contains("p99 ms"), "{}", r.stdout);
+        let json = read(d.path(), "b.json");
+        assert!(json.contains("\"mode\": \"buck2\""), "{json}");
+        assert!(json.contains("\"requests\": 100"), "{json}");
+    }
+}
