@@ -705,3 +705,108 @@ fn the_worker_exits_when_its_parent_dies() {
         assert!(!socket.exists(), "socket left behind");
     });
 }
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Figures for the README; run through `ci/bench-buck2.sh` (release build).
+#[test]
+#[ignore = "benchmark: run with ci/bench-buck2.sh"]
+fn bench_buck2() {
+    within(Duration::from_secs(120), || {
+        let d = tempfile::tempdir().unwrap();
+
+        // Exec to accepting: how soon a client's connect succeeds.
+        let mut startup = Vec::new();
+        for i in 0..7 {
+            let socket = d.path().join(format!("start{i}"));
+            let began = Instant::now();
+            let mut child = Command::new(BIN)
+                .env("WORKER_SOCKET", &socket)
+                .current_dir(d.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                assert!(began.elapsed() < Duration::from_secs(10), "never accepted");
+                thread::yield_now();
+            }
+            startup.push(began.elapsed());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+
+        let worker = Worker::start(d.path(), &["--concurrency", "4"]);
+        let idle_rss = rss_kib(worker.child.id());
+        let noop = command(&["/dev/null"]);
+        let conn = worker.connect(env());
+        let client = conn.client();
+        for _ in 0..200 {
+            client.unary_call(&EXECUTE, &noop, opt()).unwrap();
+        }
+        let mut round_trips = Vec::new();
+        for _ in 0..2000 {
+            let began = Instant::now();
+            let r = client.unary_call(&EXECUTE, &noop, opt()).unwrap();
+            round_trips.push(began.elapsed());
+            assert_eq!(r.exit_code, 0);
+        }
+        drop(worker);
+
+        let mut throughput = Vec::new();
+        for concurrency in [4usize, 16] {
+            let n = concurrency.to_string();
+            let worker = Worker::start(d.path(), &["--concurrency", &n]);
+            let env = env();
+            let run_for = Duration::from_secs(3);
+            let began = Instant::now();
+            let clients: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let conn = worker.connect(Arc::clone(&env));
+                    let noop = noop.clone();
+                    thread::spawn(move || {
+                        let client = conn.client();
+                        let mut done = 0u64;
+                        while began.elapsed() < run_for {
+                            let r = client.unary_call(&EXECUTE, &noop, opt()).unwrap();
+                            assert_eq!(r.exit_code, 0);
+                            done += 1;
+                        }
+                        done
+                    })
+                })
+                .collect();
+            let total: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+            let rate = total as f64 / began.elapsed().as_secs_f64();
+            throughput.push((concurrency, rate, rss_kib(worker.child.id())));
+        }
+
+        println!(
+            "exec to accepting connections: median {:?} (7 starts)",
+            median(startup)
+        );
+        println!(
+            "Execute round trip, no-op request: median {:?} (2000 calls, one client)",
+            median(round_trips)
+        );
+        for (concurrency, rate, rss) in throughput {
+            println!(
+                "concurrency {concurrency:>2}: {rate:.0} requests/s ({concurrency} clients, RSS after {rss} KiB)"
+            );
+        }
+        println!("idle RSS after start-up: {idle_rss} KiB");
+    });
+}
