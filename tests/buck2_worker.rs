@@ -237,7 +237,7 @@ fn exec_cancel_event_stops_the_running_request() {
             Duration::from_secs(10),
         )
         .unwrap();
-        worker.expect_line("Exec request 0 started", Duration::from_secs(10));
+        worker.expect_line("Exec #0 started", Duration::from_secs(10));
         let mut cancel = ExecuteEvent::new();
         cancel.data = Some(execute_event::Data::Cancel(ExecuteCancel::new()));
         wait(
@@ -356,10 +356,10 @@ fn a_client_that_drops_its_calls_frees_the_pool_slots() {
         let mut call = client
             .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "a"]), opt())
             .unwrap();
-        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        worker.expect_line("Execute #0 started", Duration::from_secs(10));
         call.cancel();
         drop(call);
-        worker.expect_line("Execute request 0 finished", Duration::from_secs(10));
+        worker.expect_line("Execute #0 finished", Duration::from_secs(10));
 
         // Streaming: a disconnect cancels what is in flight.
         let (mut tx, rx) = client.duplex_streaming(&EXECUTE_STREAM, opt()).unwrap();
@@ -371,11 +371,11 @@ fn a_client_that_drops_its_calls_frees_the_pool_slots() {
             Duration::from_secs(10),
         )
         .unwrap();
-        worker.expect_line("ExecuteStream request 41 started", Duration::from_secs(10));
+        worker.expect_line("ExecuteStream #1 id 41 started", Duration::from_secs(10));
         tx.cancel();
         drop(rx);
         drop(tx);
-        worker.expect_line("ExecuteStream request 41 finished", Duration::from_secs(10));
+        worker.expect_line("ExecuteStream #1 id 41 finished", Duration::from_secs(10));
 
         // With one pool thread, this runs only because both slots came back.
         let began = Instant::now();
@@ -614,7 +614,7 @@ fn sigterm_answers_the_request_in_flight_removes_the_socket_and_exits_0() {
             .client()
             .unary_call_async(&EXECUTE, &command(&["in-flight"]), opt())
             .unwrap();
-        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        worker.expect_line("Execute #0 started", Duration::from_secs(10));
         worker.signal(libc::SIGTERM);
         let response = wait(call, Duration::from_secs(10)).unwrap();
         assert_eq!(response.exit_code, 0, "{}", response.stderr);
@@ -636,7 +636,7 @@ fn sigterm_cancels_what_outlives_the_grace_period() {
             .client()
             .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "late"]), opt())
             .unwrap();
-        worker.expect_line("Execute request 0 started", Duration::from_secs(10));
+        worker.expect_line("Execute #0 started", Duration::from_secs(10));
         let began = Instant::now();
         worker.signal(libc::SIGINT);
         let response = wait(call, Duration::from_secs(10)).unwrap();
@@ -808,5 +808,48 @@ fn bench_buck2() {
             );
         }
         println!("idle RSS after start-up: {idle_rss} KiB");
+    });
+}
+
+/// Prints a short session for the README: the worker's stderr and what the
+/// client received.
+#[test]
+#[ignore = "prints a sample session: cargo test --test buck2_worker -- --ignored transcript --nocapture"]
+fn transcript() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("out")).unwrap();
+        std::fs::write(d.path().join("out/args"), "out/hello.txt\n").unwrap();
+        let worker = Worker::start(d.path(), &["--concurrency", "2", "--verbose"]);
+        let conn = worker.connect(env());
+        let mut c = command(&["--print-env", "CACHE_SILO_KEY", "@out/args"]);
+        let mut entry = EnvironmentEntry::new();
+        entry.key = b"CACHE_SILO_KEY".to_vec();
+        entry.value = b"demo".to_vec();
+        c.env.push(entry);
+        c.timeout_s = Some(60);
+        let r = execute(&conn, &c);
+        println!(
+            "--- Execute {:?}",
+            ["--print-env", "CACHE_SILO_KEY", "@out/args"]
+        );
+        println!("exit_code: {}\nstderr:\n{}", r.exit_code, r.stderr);
+        let mut c = command(&["--work-ms", "5000", "out/slow.txt"]);
+        c.timeout_s = Some(1);
+        let r = execute(&conn, &c);
+        println!(
+            "--- Execute {:?} with timeout_s 1",
+            ["--work-ms", "5000", "out/slow.txt"]
+        );
+        println!(
+            "exit_code: {}, timed_out_after_s: {:?}\nstderr:\n{}",
+            r.exit_code, r.timed_out_after_s, r.stderr
+        );
+        worker.signal(libc::SIGTERM);
+        let (status, log) = worker.finish(Duration::from_secs(10));
+        println!("--- worker stderr (exit status {:?})", status.code());
+        for line in log {
+            println!("{line}");
+        }
     });
 }

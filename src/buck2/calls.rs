@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub identity: String,
     pub tracker: Arc<Tracker>,
     pub verbose: bool,
+    /// Numbers calls for the log.
+    pub calls: AtomicU64,
 }
 
 /// The service registered with gRPC.
@@ -283,7 +286,10 @@ struct Requests {
     next_key: u64,
     /// Responses waiting for the sink, with the id of their command.
     ready: VecDeque<(u64, ExecuteResponse)>,
-    method: &'static str,
+    /// How log lines name this call, e.g. `Execute #12`.
+    label: String,
+    /// Streams carry many requests: their log lines add the request id.
+    log_ids: bool,
 }
 
 impl Requests {
@@ -293,7 +299,7 @@ impl Requests {
             Ok(parsed) => parsed,
             Err(message) => {
                 if shared.verbose {
-                    eprint!("worker: {} request {id} refused: {message}", self.method);
+                    eprint!("worker: {} refused: {message}", self.name(id));
                 }
                 let response = to_wire(&shared.identity, Response::error(2, message), None);
                 self.ready.push_back((id, response));
@@ -307,8 +313,8 @@ impl Requests {
         self.next_key += 1;
         if shared.verbose {
             eprintln!(
-                "worker: {} request {id} started: {} argument(s), {} env entr(ies), timeout {}",
-                self.method,
+                "worker: {} started: {} argument(s), {} env entr(ies), timeout {}",
+                self.name(id),
                 request.args.len(),
                 request.env.len(),
                 timeout_s.map_or("none".to_owned(), |s| format!("{s} s")),
@@ -324,17 +330,25 @@ impl Requests {
             },
         );
         let mailbox = Arc::clone(&self.mailbox);
-        let (method, verbose) = (self.method, shared.verbose);
+        let (name, verbose) = (self.name(id), shared.verbose);
         shared
             .pool
             .submit(Arc::clone(&shared.handler), request, move |response| {
                 // Logged here, not by the call: a request whose client left
                 // still ends, and this is when its pool slot frees up.
                 if verbose {
-                    log_finished(method, id, &response);
+                    log_finished(&name, &response);
                 }
                 mailbox.deliver(key, response)
             });
+    }
+
+    fn name(&self, id: u64) -> String {
+        if self.log_ids {
+            format!("{} id {id}", self.label)
+        } else {
+            self.label.clone()
+        }
     }
 
     fn cancel_all(&self) {
@@ -356,7 +370,7 @@ impl Requests {
     }
 }
 
-fn log_finished(method: &str, id: u64, response: &Response) {
+fn log_finished(name: &str, response: &Response) {
     let mut how = String::new();
     if response.cancelled {
         how.push_str(", cancelled");
@@ -365,7 +379,7 @@ fn log_finished(method: &str, id: u64, response: &Response) {
         how.push_str(", timed out");
     }
     eprintln!(
-        "worker: {method} request {id} finished: exit code {}{how}",
+        "worker: {name} finished: exit code {}{how}",
         response.exit_code
     );
 }
@@ -458,7 +472,12 @@ impl<P: Protocol> Call<P> {
                 running: HashMap::new(),
                 next_key: 0,
                 ready: VecDeque::new(),
-                method: P::NAME,
+                label: format!(
+                    "{} #{}",
+                    P::NAME,
+                    shared.calls.fetch_add(1, Ordering::Relaxed)
+                ),
+                log_ids: !P::ONE_RESPONSE,
             },
             writing: false,
             sent: 0,
@@ -472,8 +491,8 @@ impl<P: Protocol> Call<P> {
     fn abandon(&mut self, why: &str) -> Poll<()> {
         if self.requests.shared.verbose || !self.requests.running.is_empty() {
             eprintln!(
-                "worker: {} call ended by the client ({why}); cancelling {} running request(s)",
-                P::NAME,
+                "worker: {} ended by the client ({why}); cancelling {} running request(s)",
+                self.requests.label,
                 self.requests.running.len()
             );
         }
@@ -483,7 +502,11 @@ impl<P: Protocol> Call<P> {
     }
 
     fn fail(&mut self, status: RpcStatus) {
-        eprintln!("worker: {} call rejected: {}", P::NAME, status.message());
+        eprintln!(
+            "worker: {} rejected: {}",
+            self.requests.label,
+            status.message()
+        );
         self.requests.cancel_all();
         self.requests.running.clear();
         self.reading = false;
@@ -518,7 +541,7 @@ impl<P: Protocol> Call<P> {
                     };
                     if let Err(e) = futures_util::ready!(Pin::new(sink).poll_close(cx)) {
                         if self.requests.shared.verbose {
-                            eprintln!("worker: {} call could not finish: {e}", P::NAME);
+                            eprintln!("worker: {} could not finish: {e}", self.requests.label);
                         }
                     }
                     return Poll::Ready(());

@@ -79,6 +79,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         identity: crate::process::identity(),
         tracker: Arc::clone(&tracker),
         verbose: settings.verbose,
+        calls: Default::default(),
     });
     let built = ServerBuilder::new(Arc::clone(&env))
         .channel_args(service::unlimited_channel(Arc::clone(&env)).build_args())
