@@ -66,6 +66,45 @@ fn multiplex_requests_overlap() {
 }
 
 #[test]
+fn id_zero_does_not_block_multiplex_siblings() {
+    // Bazel 2.1 numbers multiplex proxies from 0, so id 0 can be one of the
+    // concurrent requests.
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--concurrency", "4", "--work-ms", "500"], dir.path());
+    for id in 0..4 {
+        worker.send(&request(id, &[&format!("z{id}")]));
+    }
+    let mut arrivals: Vec<_> = (0..4).map(|_| worker.recv_timed().0).collect();
+    arrivals.sort();
+    let spread = arrivals[3] - arrivals[0];
+    assert!(
+        spread < Duration::from_millis(500),
+        "responses spread over {spread:?}"
+    );
+}
+
+#[test]
+fn singleplex_requests_sent_back_to_back_still_run_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(
+        &["--concurrency", "4", "--work-ms", "200", "--verbose"],
+        dir.path(),
+    );
+    for i in 0..3 {
+        worker.send(&request(0, &[&format!("b{i}")]));
+    }
+    let arrivals: Vec<_> = (0..3).map(|_| worker.recv_timed().0).collect();
+    for pair in arrivals.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(190),
+            "{arrivals:?}"
+        );
+    }
+    let (_, _, stderr) = worker.finish();
+    assert!(!stderr.contains("2 in flight"), "{stderr}");
+}
+
+#[test]
 fn concurrency_one_serialises_multiplex_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&["--concurrency", "1", "--work-ms", "200"], dir.path());

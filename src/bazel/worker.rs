@@ -2,8 +2,8 @@
 //! run on the pool, and their responses leave through [`ResponseWriter`] from
 //! the pool thread that finished them.
 //!
-//! Request id 0 is singleplex: the loop waits for each response before
-//! reading on, so requests run one at a time and in order. Non-zero ids are
+//! Request id 0 is singleplex: an id-0 request waits for the previous one to
+//! finish, so they run one at a time and in order. Non-zero ids are
 //! multiplex: every request is dispatched at once and answered when done.
 //! Either way the id is echoed, because old Bazel versions send non-zero ids
 //! to singleplex workers too.
@@ -13,7 +13,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Receiver};
 
 use super::codec::WireFormat;
 use super::framing::FrameError;
@@ -82,6 +82,8 @@ pub fn serve(
     let writer = Arc::new(ResponseWriter::new(config.format, output));
     let in_flight: Arc<Mutex<HashMap<i32, CancelToken>>> = Arc::default();
     let identity: Arc<str> = crate::process::identity().into();
+    // Completion of the id-0 request in flight, if any.
+    let mut singleplex: Option<Receiver<()>> = None;
     loop {
         let work = match config
             .format
@@ -124,6 +126,15 @@ pub fn serve(
                 continue;
             }
         };
+        if id == 0 {
+            // Singleplex: the previous id-0 request finishes first. Waiting
+            // here rather than after dispatch keeps id 0 from blocking the
+            // other ids, which Bazel 2.1 gives to sibling multiplex proxies.
+            if let Some(previous) = singleplex.take() {
+                // A dropped sender (pool gone) also ends the wait.
+                let _ = previous.recv();
+            }
+        }
         let mut request = Request::new(work.arguments, workdir);
         request.verbosity = work.verbosity;
         {
@@ -168,8 +179,7 @@ pub fn serve(
             let _ = done_tx.send(());
         });
         if id == 0 {
-            // A dropped sender (pool gone) also ends the wait.
-            let _ = done_rx.recv();
+            singleplex = Some(done_rx);
         }
     }
     pool.join();
