@@ -326,9 +326,6 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
             mode.name()
         ));
     }
-    if mode == Mode::Remote && o.repeat == 0 {
-        return Err("--repeat must be at least 1".to_owned());
-    }
     if o.requests.is_empty() && mode != Mode::Remote {
         return Err("no requests: give --arg, --request or --requests-file".to_owned());
     }
