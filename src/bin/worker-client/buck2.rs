@@ -452,8 +452,13 @@ fn stream_all(
     }
     let mut close = sink.close();
     let deadline = Instant::now() + options.timeout;
-    if let Some(Err(e)) = block_on_until(&mut close, deadline) {
-        return Err(worker.failed(&format!("closing the ExecuteStream call failed: {e}")));
+    match block_on_until(&mut close, deadline) {
+        // grpcio reports a call the server finished right after our
+        // half-close as "finished"; the status arrives with the stream's end.
+        Some(Ok(())) | Some(Err(grpcio::Error::RpcFinished(_))) | None => {}
+        Some(Err(e)) => {
+            return Err(worker.failed(&format!("closing the ExecuteStream call failed: {e}")))
+        }
     }
     let mut end = responses.next();
     match block_on_until(&mut end, deadline) {
