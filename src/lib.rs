@@ -2,6 +2,8 @@
 //!
 //! Where a request enters, runs, and leaves:
 //!
+//! - [`modes`]: the program around a handler: parse, pick the mode, run it
+//!   (`main.rs` calls it with the demo tool).
 //! - [`cli`]: argv and `WORKER_SOCKET` → which mode, with which options.
 //! - Front ends, one per protocol; each turns wire messages into a
 //!   [`request::Request`] and the [`request::Response`] back into wire form:
@@ -16,12 +18,17 @@
 //! - [`demo`]: the demo tool, one `Handler`.
 //! - [`process`]: process-wide set-up (identity line, stdout protection).
 //! - [`proto`]: messages generated from `protos/`.
+//!
+//! Outside the library: `src/bin/worker-client/` drives any worker the way
+//! Bazel, Buck2 and a remote executor do, and benchmarks it;
+//! `examples/concat_worker.rs` is a second tool built on [`modes::run_main`].
 
 pub mod argfile;
 pub mod bazel;
 pub mod buck2;
 pub mod cli;
 pub mod demo;
+pub mod modes;
 pub mod oneshot;
 pub mod pool;
 pub mod process;

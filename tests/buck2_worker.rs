@@ -1,7 +1,7 @@
 //! The Buck2 mode end to end: the real binary serving on a real Unix socket,
 //! driven by a grpcio client through the crate's public method descriptors.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -702,6 +702,73 @@ fn the_worker_exits_when_its_parent_dies() {
             "{}",
             log.join("\n")
         );
+        assert!(!socket.exists(), "socket left behind");
+    });
+}
+
+/// Starts the worker from a short-lived thread of a parent that lives on, as
+/// a runtime's blocking thread pool does. The kernel's death signal then fires
+/// when that thread exits; the worker must survive it, and still exit when
+/// the parent process itself goes.
+#[test]
+fn the_worker_survives_its_forking_thread_and_exits_with_its_parent() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let socket = d.path().join("socket");
+        let script = r#"
+import subprocess, sys, threading
+def start():
+    subprocess.Popen([sys.argv[1]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    sys.stdin.readline()  # the test says when this thread may exit
+t = threading.Thread(target=start)
+t.start()
+t.join()
+sys.stdin.read()  # the parent lives until the test closes stdin
+"#;
+        let mut parent = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(BIN)
+            .env("WORKER_SOCKET", &socket)
+            .current_dir(d.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the parent");
+        let lines = read_lines(parent.stderr.take().unwrap());
+        let mut stdin = parent.stdin.take().unwrap();
+        let mut log = Vec::new();
+        let wait_for = |needle: &str, log: &mut Vec<String>| loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}\n{}", log.join("\n")));
+            let found = line.contains(needle);
+            log.push(line);
+            if found {
+                return;
+            }
+        };
+        wait_for("listening on", &mut log);
+        stdin.write_all(b"thread may exit\n").unwrap();
+        stdin.flush().unwrap();
+        wait_for("watching the parent by polling", &mut log);
+        assert!(
+            socket.exists(),
+            "the worker stopped after its thread exited"
+        );
+        drop(stdin);
+        parent.wait().unwrap();
+        wait_for("parent process", &mut log);
+        loop {
+            match lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) => log.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("worker outlived its parent:\n{}", log.join("\n"))
+                }
+            }
+        }
         assert!(!socket.exists(), "socket left behind");
     });
 }

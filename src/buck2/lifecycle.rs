@@ -76,6 +76,7 @@ pub fn signal_name(signal: libc::c_int) -> &'static str {
 /// kernel's other reason for the death signal.
 pub struct Parent {
     pid: libc::pid_t,
+    polling: AtomicBool,
 }
 
 impl Parent {
@@ -108,7 +109,10 @@ impl Parent {
                 );
             }
         }
-        Parent { pid }
+        Parent {
+            pid,
+            polling: AtomicBool::new(false),
+        }
     }
 
     /// The parent died, whether before or after [`Parent::watch`] asked to be
@@ -121,7 +125,36 @@ impl Parent {
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
+
+    /// Falls back to polling once the kernel's one-shot death signal has been
+    /// spent on the exit of a forking thread: a thread raises SIGHUP in this
+    /// process when the parent really goes. Idempotent.
+    pub fn poll_from_now_on(&self) {
+        if self.polling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let parent = self.pid;
+        let spawned = thread::Builder::new()
+            .name("parent-watch".into())
+            .spawn(move || loop {
+                thread::sleep(PARENT_POLL);
+                // SAFETY: getppid cannot fail; kill signals our own process.
+                unsafe {
+                    if libc::getppid() != parent {
+                        libc::kill(libc::getpid(), PARENT_DEATH_SIGNAL);
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("persistent-worker: cannot watch the parent process: {e}");
+        }
+    }
 }
+
+/// How often the fallback parent watch looks; nothing signals a parent's
+/// death a second time, so polling is the only way left.
+const PARENT_POLL: Duration = Duration::from_millis(200);
 
 /// What the server has in flight: the cancellation tokens of running
 /// requests (to cancel them when the grace period ends) and the wakers of

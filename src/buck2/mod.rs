@@ -116,6 +116,12 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         let signal = signals.wait();
         if signal == libc::SIGHUP {
             if !parent.is_gone() {
+                eprintln!(
+                    "persistent-worker: SIGHUP while parent {} is alive (the thread that started \
+                     this worker exited); watching the parent by polling",
+                    parent.pid()
+                );
+                parent.poll_from_now_on();
                 continue;
             }
             let cancelled = tracker.drain();
