@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Throughput and latency of every front end, measured with worker-client
+# against the release build, in one run so the figures can be compared.
+# Usage: ci/bench.sh [REQUESTS]      (default 10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-10000}
+cargo build --release --quiet --bins
+root=$PWD
+client="$root/target/release/worker-client"
+worker="$root/target/release/persistent-worker"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# Each request writes its own small file, as the demo tool does.
+bench() {
+  "$client" "$@" --bench --requests "$requests" --request 'out-{n}.txt' --json-out "$work/last.json" \
+    | tail -n 1
+}
+
+echo "worker: $worker ($requests requests per row; the demo tool writes one file per request)"
+"$client" bazel --bench --requests 1 --request warm -- "$worker" | sed -n 2p
+bench bazel -- "$worker"
+bench bazel --concurrency 4 -- "$worker" --concurrency 4
+bench bazel --json -- "$worker" --worker-protocol json
+echo out-remote.txt > remote.args
+"$client" remote --bench --requests "$requests" -- "$worker" @remote.args | tail -n 1
+bench buck2 -- "$worker"
+bench buck2 --concurrency 4 -- "$worker" --concurrency 4
+bench buck2 --concurrency 16 -- "$worker" --concurrency 16
+bench buck2 --stream --concurrency 16 -- "$worker" --concurrency 16
+
+echo
+echo "one-shot for comparison: $requests process starts would take"
+start=$(date +%s%N)
+for i in $(seq 1 200); do "$worker" "oneshot-$i.txt" 2>/dev/null; done
+end=$(date +%s%N)
+awk -v ns=$((end - start)) -v n="$requests" \
+  'BEGIN { per = ns / 200 / 1e6; printf "  %.3f ms per one-shot run (median not taken: mean of 200), %.1f s for %d\n", per, per * n / 1000, n }'
