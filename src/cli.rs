@@ -141,17 +141,20 @@ pub fn parse(
     Ok(Command::Run(options))
 }
 
-fn os_text(value: OsString) -> Result<String, String> {
+/// An argument as UTF-8, or a message naming it. (Shared with worker-client.)
+pub fn os_text(value: OsString) -> Result<String, String> {
     value
         .into_string()
         .map_err(|v| format!("argument {v:?} is not valid UTF-8"))
 }
 
-fn text(parser: &mut lexopt::Parser) -> Result<String, String> {
+/// The current option's value as UTF-8.
+pub fn text(parser: &mut lexopt::Parser) -> Result<String, String> {
     os_text(parser.value().map_err(|e| e.to_string())?)
 }
 
-fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, String>
+/// The current option's value parsed as a number, or a message naming `flag`.
+pub fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {

@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use persistent_worker::cli::{number, os_text, text};
+
 const USAGE: &str = "\
 usage: worker-client bazel  [OPTIONS] [--json] [--multiplex N] [--cancel-after MS] -- WORKER...
        worker-client remote [OPTIONS] [--json] [--input PATH]... -- COMMAND...
@@ -345,26 +347,6 @@ fn flush(building: &mut Option<Vec<String>>, requests: &mut Vec<Vec<String>>) {
     if let Some(request) = building.take() {
         requests.push(request);
     }
-}
-
-fn os_text(value: OsString) -> Result<String, String> {
-    value
-        .into_string()
-        .map_err(|v| format!("argument {v:?} is not valid UTF-8"))
-}
-
-fn text(parser: &mut lexopt::Parser) -> Result<String, String> {
-    os_text(parser.value().map_err(|e| e.to_string())?)
-}
-
-fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, String>
-where
-    T::Err: fmt::Display,
-{
-    let value = text(parser)?;
-    value
-        .parse()
-        .map_err(|e| format!("invalid value '{value}' for {flag}: {e}"))
 }
 
 fn positive(parser: &mut lexopt::Parser, flag: &str) -> Result<usize, String> {
