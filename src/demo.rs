@@ -15,9 +15,10 @@ use std::time::Duration;
 use crate::request::{Handler, Request, Response};
 
 pub const USAGE: &str =
-    "usage: [--work-ms N] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
+    "usage: [--work-ms N] [--busy-ms N] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
 writes the file name of OUTFILE and a newline to OUTFILE;
---print-env NAME adds NAME=VALUE from the request's env to the message\n";
+--print-env NAME adds NAME=VALUE from the request's env to the message;
+--busy-ms N works N ms without heeding cancellation, like a tool that cannot be stopped\n";
 
 /// The demo tool with its start-up configuration.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,7 @@ pub struct Demo {
 struct DemoArgs {
     outfile: String,
     work: Option<Duration>,
+    busy: Duration,
     panic: bool,
     print_stdout: Option<String>,
     print_env: Option<String>,
@@ -41,6 +43,7 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
     let mut parsed = DemoArgs {
         outfile: String::new(),
         work: None,
+        busy: Duration::ZERO,
         panic: false,
         print_stdout: None,
         print_env: None,
@@ -55,6 +58,14 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
                     .parse()
                     .map_err(|e| format!("--work-ms: {e}"))?;
                 parsed.work = Some(Duration::from_millis(ms));
+            }
+            Long("busy-ms") => {
+                let ms: u64 = parser
+                    .value()
+                    .map_err(|e| e.to_string())?
+                    .parse()
+                    .map_err(|e| format!("--busy-ms: {e}"))?;
+                parsed.busy = Duration::from_millis(ms);
             }
             Long("panic") => parsed.panic = true,
             Long("print-stdout") => {
@@ -88,6 +99,7 @@ impl Handler for Demo {
         if args.panic {
             panic!("demo: --panic was given for {}", args.outfile);
         }
+        std::thread::sleep(args.busy);
         if let Err(stop) = request.cancel.sleep(args.work.unwrap_or(self.work)) {
             return Response::stopped(
                 stop,

@@ -4,24 +4,34 @@
 //!
 //! Front ends only read and write their wire; they never run a handler on
 //! their own I/O threads. A job carries its own completion callback, so the
-//! response leaves from the pool thread that produced it.
+//! response leaves from the pool thread that produced it, or, for a request
+//! whose tool ignores its timeout, from the timer thread that answers for it.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 
 use crate::argfile;
-use crate::request::{Handler, Request, Response};
+use crate::request::{lock, Handler, Request, Response, Stop};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// How long past its deadline a request's own handler may take to notice the
+/// timeout and answer (with its own message) before the pool answers for it.
+pub const TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 
 /// A fixed set of threads fed by one unbounded channel: more requests than
 /// threads queue, they are never rejected.
 pub struct Pool {
     sender: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    /// Started on the first request with a timeout.
+    timer: OnceLock<Timer>,
 }
 
 impl Pool {
@@ -44,6 +54,7 @@ impl Pool {
         Pool {
             sender: Some(sender),
             threads,
+            timer: OnceLock::new(),
         }
     }
 
@@ -51,14 +62,32 @@ impl Pool {
         self.threads.len()
     }
 
-    /// Queues `request`; `done` receives its response on the pool thread.
+    /// Queues `request`; `done` receives its response, exactly once.
+    ///
+    /// Normally that is the handler's response, on the pool thread. A request
+    /// with a timeout whose handler is still running [`TIMEOUT_GRACE`] after
+    /// the deadline is answered as timed out from the timer thread instead, so
+    /// the client is not held by a tool that ignores its token; the handler's
+    /// late response is then dropped.
     pub fn submit(
         &self,
         handler: Arc<dyn Handler>,
         request: Request,
         done: impl FnOnce(Response) + Send + 'static,
     ) {
-        self.spawn(move || done(run(handler.as_ref(), request)));
+        let answer = Answer::new(done);
+        if let Some(deadline) = request.cancel.deadline() {
+            let early = answer.clone();
+            self.timer
+                .get_or_init(Timer::start)
+                .at(deadline + TIMEOUT_GRACE, move || {
+                    early.give(Response::stopped(
+                    Stop::TimedOut,
+                    "worker: timed out; the tool did not stop when asked and is still running\n",
+                ))
+                });
+        }
+        self.spawn(move || answer.give(run(handler.as_ref(), request)));
     }
 
     /// Queues an arbitrary job.
@@ -89,6 +118,84 @@ impl Drop for Pool {
     }
 }
 
+type Done = Box<dyn FnOnce(Response) + Send>;
+
+/// A completion callback that runs at most once, whoever calls first.
+struct Answer(Arc<Mutex<Option<Done>>>);
+
+impl Answer {
+    fn new(done: impl FnOnce(Response) + Send + 'static) -> Answer {
+        Answer(Arc::new(Mutex::new(Some(Box::new(done)))))
+    }
+
+    fn clone(&self) -> Answer {
+        Answer(Arc::clone(&self.0))
+    }
+
+    fn give(&self, response: Response) {
+        let done = lock(&self.0).take();
+        if let Some(done) = done {
+            done(response);
+        }
+    }
+}
+
+/// One thread that runs jobs at given instants; it ends when its pool goes.
+struct Timer {
+    sender: Sender<(Instant, Job)>,
+}
+
+impl Timer {
+    fn start() -> Timer {
+        let (sender, receiver) = unbounded::<(Instant, Job)>();
+        let spawned = thread::Builder::new()
+            .name("worker-timeouts".into())
+            .spawn(move || {
+                // Ordered by instant, then by arrival; jobs wait in `jobs`.
+                let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+                let mut jobs: HashMap<u64, Job> = HashMap::new();
+                let mut next = 0u64;
+                loop {
+                    let now = Instant::now();
+                    while let Some(Reverse((at, key))) = due.peek().copied() {
+                        if at > now {
+                            break;
+                        }
+                        due.pop();
+                        if let Some(job) = jobs.remove(&key) {
+                            job();
+                        }
+                    }
+                    let received = match due.peek() {
+                        Some(Reverse((at, _))) => {
+                            receiver.recv_timeout(at.saturating_duration_since(Instant::now()))
+                        }
+                        None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    };
+                    match received {
+                        Ok((at, job)) => {
+                            due.push(Reverse((at, next)));
+                            jobs.insert(next, job);
+                            next += 1;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread, requests are still answered by their
+            // handlers; only the early answer is lost.
+            eprintln!("worker: cannot start the timeout thread: {e}");
+        }
+        Timer { sender }
+    }
+
+    fn at(&self, when: Instant, job: impl FnOnce() + Send + 'static) {
+        let _ = self.sender.send((when, Box::new(job)));
+    }
+}
+
 /// Executes one request to completion on the calling thread.
 ///
 /// `request.args` are raw: argument files are expanded here, against
@@ -112,8 +219,8 @@ pub fn run(handler: &dyn Handler, mut request: Request) -> Response {
     // A handler that noticed the stop reports it itself; one that ignored the
     // token still ran past a cancel or a deadline, and the client must know.
     match request.cancel.stopped() {
-        Some(crate::request::Stop::Cancelled) => response.cancelled = true,
-        Some(crate::request::Stop::TimedOut) => response.timed_out = true,
+        Some(Stop::Cancelled) => response.cancelled = true,
+        Some(Stop::TimedOut) => response.timed_out = true,
         None => {}
     }
     response
@@ -164,6 +271,48 @@ mod tests {
         req.cancel.cancel();
         let response = run(&|_: &Request| Response::ok("done"), req);
         assert!(response.cancelled);
+    }
+
+    #[test]
+    fn a_handler_that_ignores_its_timeout_is_answered_for_once() {
+        let pool = Pool::new(1);
+        let (release_tx, release_rx) = bounded::<()>(1);
+        let release_rx = Mutex::new(release_rx);
+        // Blocks until the test lets it go, whatever its token says.
+        let stubborn = move |_: &Request| {
+            let _ = lock(&release_rx).recv();
+            Response::ok("finished late")
+        };
+        let req = request(&[]);
+        req.cancel.set_timeout(Duration::from_millis(20));
+        let (done_tx, done_rx) = unbounded::<Response>();
+        pool.submit(Arc::new(stubborn), req, move |r| done_tx.send(r).unwrap());
+        let first = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered while the handler still runs");
+        assert!(first.timed_out, "{first:?}");
+        assert!(first.output.contains("did not stop"), "{}", first.output);
+        release_tx.send(()).unwrap();
+        pool.join();
+        assert!(done_rx.try_recv().is_err(), "answered twice");
+    }
+
+    #[test]
+    fn a_handler_that_honours_its_timeout_answers_itself() {
+        let pool = Pool::new(1);
+        let polite = |r: &Request| match r.cancel.sleep(Duration::from_secs(60)) {
+            Err(stop) => Response::stopped(stop, "own message"),
+            Ok(()) => Response::ok("slept"),
+        };
+        let req = request(&[]);
+        req.cancel.set_timeout(Duration::from_millis(20));
+        let (done_tx, done_rx) = unbounded::<Response>();
+        pool.submit(Arc::new(polite), req, move |r| done_tx.send(r).unwrap());
+        let response = done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(response.timed_out);
+        assert_eq!(response.output, "own message");
+        pool.join();
+        assert!(done_rx.try_recv().is_err(), "answered twice");
     }
 
     #[test]

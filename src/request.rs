@@ -148,6 +148,11 @@ impl CancelToken {
         *lock(&self.inner.deadline) = Instant::now().checked_add(timeout);
     }
 
+    /// When the request times out, if it has a timeout.
+    pub fn deadline(&self) -> Option<Instant> {
+        *lock(&self.inner.deadline)
+    }
+
     /// Cancels the request and wakes any [`CancelToken::sleep`].
     pub fn cancel(&self) {
         *lock(&self.inner.cancelled) = true;

@@ -406,6 +406,26 @@ fn timeout_is_reported_as_timed_out_after_s() {
 }
 
 #[test]
+fn a_tool_that_ignores_its_timeout_is_answered_at_the_deadline() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &[]);
+        // Busy for 5 s without looking at its token; writes the file after.
+        let mut c = command(&["--busy-ms", "5000", "stubborn"]);
+        c.timeout_s = Some(1);
+        let response = execute(&worker.connect(env()), &c);
+        assert_eq!(response.timed_out_after_s, Some(1), "{}", response.stderr);
+        assert!(
+            response.stderr.contains("did not stop"),
+            "{}",
+            response.stderr
+        );
+        // The tool has not finished yet: the answer did not wait for it.
+        assert!(!d.path().join("stubborn").exists());
+    });
+}
+
+#[test]
 fn invalid_utf8_argv_is_exit_code_2_and_the_worker_goes_on() {
     within(Duration::from_secs(30), || {
         let d = tempfile::tempdir().unwrap();
