@@ -517,51 +517,14 @@ fn real_bazel_drives_the_worker() {
     let mut bazel = Bazel::new(bazel_exe, dir);
     let execroot_suffix = format!("/execroot/{WORKSPACE_NAME}");
 
-    // Singleplex: 4 targets, one worker process (--worker_max_instances=1),
-    // every output checked.
-    //
-    // This case runs first on purpose. Bazel 2.1 numbers its workers from 0
-    // per server and uses that number as the request_id, for multiplex
-    // proxies too; request_id 0 means a singleplex request to a worker, which
-    // then finishes it before reading on. Starting the singleplex worker first
-    // gives it id 0, so the multiplex requests below carry ids from 1 up.
-    bazel.set_stamp("singleplex");
-    let singles: Vec<String> = (0..4).map(|i| format!("single-{i}")).collect();
-    let text = bazel.build_ok(&as_strs(&labels(&singles)));
-    assert!(
-        text.contains("INFO: 4 processes: 4 worker."),
-        "the 4 singleplex actions did not all run as worker actions:\n{text}"
-    );
-    let mut single_pids = BTreeSet::new();
-    for name in &singles {
-        assert_eq!(bazel.output_file(name), format!("{name}.txt\n"));
-        let banner = action_output(&text, &format!("//demo:{name}"));
-        assert!(
-            banner.cwd.ends_with(&execroot_suffix),
-            "worker cwd {} is not the execution root",
-            banner.cwd
-        );
-        single_pids.insert(banner.pid);
-    }
-    assert_eq!(
-        single_pids.len(),
-        1,
-        "one singleplex worker process was expected:\n{text}"
-    );
-    let single_pid = *single_pids.iter().next().expect("one pid");
-    assert!(
-        process_alive(single_pid),
-        "singleplex worker {single_pid} is gone after the build"
-    );
-    let example = action_output(&text, "//demo:single-0");
-    eprintln!(
-        "bazel_real: Bazel shows for //demo:single-0:\n  INFO: From Demo worker action for //demo:single-0:\n  {}",
-        example.shown.replace('\n', "\n  ")
-    );
-
     // Multiplex: 4 targets with --work-ms 1000 must be in flight at once in a
     // single worker process. Bazel may hand out the requests a little late on
     // a busy machine, so a round that shows fewer is repeated.
+    //
+    // This case runs first on purpose. Bazel 2.1 numbers its workers from 0
+    // per server and uses that number as the request_id, for multiplex
+    // proxies too, so one of these requests carries id 0 (which also means
+    // "singleplex"); it must still run alongside the others.
     let multis: Vec<String> = (0..4).map(|i| format!("multi-{i}")).collect();
     let mut multiplex_pid = None;
     let mut seen_in_flight = 0;
@@ -590,7 +553,6 @@ fn real_bazel_drives_the_worker() {
             "round {round}: the multiplex requests went to more than one process:\n{text}"
         );
         let pid = *pids.iter().next().expect("one pid");
-        assert_ne!(pid, single_pid, "multiplex and singleplex share a process");
         if let Some(previous) = multiplex_pid {
             assert_eq!(
                 previous, pid,
@@ -638,6 +600,47 @@ fn real_bazel_drives_the_worker() {
          in {MULTIPLEX_ROUNDS} rounds; its log:\n{last_log}"
     );
     let multiplex_pid = multiplex_pid.expect("a multiplex round ran");
+
+    // Singleplex: 4 targets, one worker process (--worker_max_instances=1),
+    // every output checked.
+    bazel.set_stamp("singleplex");
+    let singles: Vec<String> = (0..4).map(|i| format!("single-{i}")).collect();
+    let text = bazel.build_ok(&as_strs(&labels(&singles)));
+    assert!(
+        text.contains("INFO: 4 processes: 4 worker."),
+        "the 4 singleplex actions did not all run as worker actions:\n{text}"
+    );
+    let mut single_pids = BTreeSet::new();
+    for name in &singles {
+        assert_eq!(bazel.output_file(name), format!("{name}.txt\n"));
+        let banner = action_output(&text, &format!("//demo:{name}"));
+        assert!(
+            banner.cwd.ends_with(&execroot_suffix),
+            "worker cwd {} is not the execution root",
+            banner.cwd
+        );
+        single_pids.insert(banner.pid);
+    }
+    assert_eq!(
+        single_pids.len(),
+        1,
+        "one singleplex worker process was expected:\n{text}"
+    );
+    let single_pid = *single_pids.iter().next().expect("one pid");
+    assert!(
+        process_alive(single_pid),
+        "singleplex worker {single_pid} is gone after the build"
+    );
+    let example = action_output(&text, "//demo:single-0");
+    eprintln!(
+        "bazel_real: Bazel shows for //demo:single-0:\n  INFO: From Demo worker action for //demo:single-0:\n  {}",
+        example.shown.replace('\n', "\n  ")
+    );
+
+    assert_ne!(
+        single_pid, multiplex_pid,
+        "multiplex and singleplex share a process"
+    );
 
     // A request the worker rejects fails the build with the worker's message;
     // the same process serves the next build.
