@@ -16,47 +16,36 @@ use crate::proto::worker::{
     ExecuteCommand, ExecuteCommandStream, ExecuteEvent, ExecuteResponse, ExecuteResponseStream,
 };
 
+/// A method whose messages travel in protobuf encoding.
+const fn protobuf_method<Req: protobuf::Message, Resp: protobuf::Message>(
+    ty: MethodType,
+    name: &'static str,
+) -> Method<Req, Resp> {
+    Method {
+        ty,
+        name,
+        req_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+        resp_mar: Marshaller {
+            ser: grpcio::pb_ser,
+            de: grpcio::pb_de,
+        },
+    }
+}
+
 /// `rpc Execute(ExecuteCommand) returns (ExecuteResponse)`.
-pub const EXECUTE: Method<ExecuteCommand, ExecuteResponse> = Method {
-    ty: MethodType::Unary,
-    name: "/worker.Worker/Execute",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
+pub const EXECUTE: Method<ExecuteCommand, ExecuteResponse> =
+    protobuf_method(MethodType::Unary, "/worker.Worker/Execute");
 
 /// `rpc Exec(stream ExecuteEvent) returns (ExecuteResponse)`.
-pub const EXEC: Method<ExecuteEvent, ExecuteResponse> = Method {
-    ty: MethodType::ClientStreaming,
-    name: "/worker.Worker/Exec",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
+pub const EXEC: Method<ExecuteEvent, ExecuteResponse> =
+    protobuf_method(MethodType::ClientStreaming, "/worker.Worker/Exec");
 
 /// `rpc ExecuteStream(stream ExecuteCommandStream) returns (stream ExecuteResponseStream)`.
-pub const EXECUTE_STREAM: Method<ExecuteCommandStream, ExecuteResponseStream> = Method {
-    ty: MethodType::Duplex,
-    name: "/worker.WorkerStreaming/ExecuteStream",
-    req_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-    resp_mar: Marshaller {
-        ser: grpcio::pb_ser,
-        de: grpcio::pb_de,
-    },
-};
+pub const EXECUTE_STREAM: Method<ExecuteCommandStream, ExecuteResponseStream> =
+    protobuf_method(MethodType::Duplex, "/worker.WorkerStreaming/ExecuteStream");
 
 /// The server answers every method through grpcio's duplex handler, even the
 /// unary and client-streaming ones. Only a streaming sink reports that the
