@@ -91,20 +91,14 @@ fn stdio_bazel(options: &Options, requests: usize) -> Result<Measurement, Failur
     let answers = bazel::drive(&mut worker, &timed, &mut |_| {})?;
     let elapsed = start.elapsed();
     worker.finish()?;
-    let mut m = Measurement {
-        mode: Mode::Bazel,
-        transport: format!(
-            "{}{}",
-            if options.json { "json" } else { "proto" },
-            if multiplex { " multiplex" } else { "" }
-        ),
-        concurrency: c,
-        startup,
-        elapsed,
-        latencies: Vec::with_capacity(answers.len()),
-        failed: 0,
-        first_failure: None,
-    };
+    let transport = format!(
+        "{}{}",
+        if options.json { "json" } else { "proto" },
+        if multiplex { " multiplex" } else { "" }
+    );
+    let mut m = Measurement::new(Mode::Bazel, &transport, c);
+    m.startup = startup;
+    m.elapsed = elapsed;
     for a in &answers {
         m.record(a.latency, a.response.exit_code, &a.response.output);
     }
@@ -149,16 +143,8 @@ fn stdio_remote(options: &Options, requests: usize) -> Result<Measurement, Failu
             })
         })
         .collect();
-    let mut m = Measurement {
-        mode: Mode::Remote,
-        transport: if options.json { "json" } else { "proto" }.to_owned(),
-        concurrency: c,
-        startup: Duration::ZERO,
-        elapsed: Duration::ZERO,
-        latencies: Vec::with_capacity(requests),
-        failed: 0,
-        first_failure: None,
-    };
+    let transport = if options.json { "json" } else { "proto" };
+    let mut m = Measurement::new(Mode::Remote, transport, c);
     let mut first_error = None;
     for thread in threads {
         match thread.join() {
@@ -185,6 +171,20 @@ fn stdio_remote(options: &Options, requests: usize) -> Result<Measurement, Failu
 }
 
 impl Measurement {
+    /// An empty measurement; `record` adds the answers.
+    pub fn new(mode: Mode, transport: &str, concurrency: usize) -> Measurement {
+        Measurement {
+            mode,
+            transport: transport.to_owned(),
+            concurrency,
+            startup: Duration::ZERO,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+            failed: 0,
+            first_failure: None,
+        }
+    }
+
     pub fn record(&mut self, latency: Duration, exit_code: i32, output: &str) {
         self.latencies.push(latency);
         if exit_code != 0 {

@@ -565,21 +565,14 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     let answers = send_all(&mut worker, options, 1, requests, &mut |_| {})?;
     let elapsed = start.elapsed();
     worker.stop();
-    let mut m = Measurement {
-        mode: Mode::Buck2,
-        transport: if options.stream {
-            "grpc ExecuteStream"
-        } else {
-            "grpc Execute"
-        }
-        .to_owned(),
-        concurrency: options.concurrency,
-        startup,
-        elapsed,
-        latencies: Vec::with_capacity(answers.len()),
-        failed: 0,
-        first_failure: None,
+    let transport = if options.stream {
+        "grpc ExecuteStream"
+    } else {
+        "grpc Execute"
     };
+    let mut m = Measurement::new(Mode::Buck2, transport, options.concurrency);
+    m.startup = startup;
+    m.elapsed = elapsed;
     for a in &answers {
         let code = if failed(a) {
             a.response.exit_code.max(1)
