@@ -117,6 +117,16 @@ pub fn serve(
             }
             continue;
         }
+        if id == 0 {
+            // Singleplex: the previous id-0 request is answered before
+            // anything about this one, even an error. Waiting here rather
+            // than after dispatch keeps id 0 from blocking the other ids,
+            // which Bazel 2.1 gives to sibling multiplex proxies.
+            if let Some(previous) = singleplex.take() {
+                // A dropped sender (pool gone) also ends the wait.
+                let _ = previous.recv();
+            }
+        }
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
             Ok(dir) => dir,
             Err(e) => {
@@ -126,15 +136,6 @@ pub fn serve(
                 continue;
             }
         };
-        if id == 0 {
-            // Singleplex: the previous id-0 request finishes first. Waiting
-            // here rather than after dispatch keeps id 0 from blocking the
-            // other ids, which Bazel 2.1 gives to sibling multiplex proxies.
-            if let Some(previous) = singleplex.take() {
-                // A dropped sender (pool gone) also ends the wait.
-                let _ = previous.recv();
-            }
-        }
         let mut request = Request::new(work.arguments, workdir);
         request.verbosity = work.verbosity;
         {
