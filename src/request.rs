@@ -171,10 +171,6 @@ impl CancelToken {
         }
     }
 
-    pub fn is_cancelled(&self) -> bool {
-        self.stopped().is_some()
-    }
-
     /// Sleeps for `duration` unless the request is stopped first.
     pub fn sleep(&self, duration: Duration) -> Result<(), Stop> {
         let end = Instant::now() + duration;

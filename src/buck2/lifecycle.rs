@@ -288,7 +288,7 @@ mod tests {
         let other = tracker.request(CancelToken::new());
         drop(other);
         assert_eq!(tracker.cancel_all(), 1);
-        assert!(token.is_cancelled());
+        assert_eq!(token.stopped(), Some(crate::request::Stop::Cancelled));
         drop(ticket);
         assert_eq!(tracker.drain(), 0);
         assert!(tracker.is_draining());
