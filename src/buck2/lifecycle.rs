@@ -272,9 +272,15 @@ pub fn block_on_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> O
     }
 }
 
+/// How long gRPC's teardown may take to flush the last responses at exit.
+pub const TEARDOWN: Duration = Duration::from_millis(1000);
+
+/// Time for the transport to write what gRPC already considers sent.
+pub const LINGER: Duration = Duration::from_millis(100);
+
 /// How long cancelled requests get to report back after the grace period:
 /// handlers that honour their token stop within milliseconds.
-pub const AFTER_CANCEL: Duration = Duration::from_millis(1000);
+pub const AFTER_CANCEL: Duration = Duration::from_millis(2000);
 
 #[cfg(test)]
 mod tests {

@@ -151,6 +151,24 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
                 let _ = block_on_until(&mut shutdown, Instant::now() + Duration::from_millis(200));
             }
         }
+        // Dropping the server and its environment joins gRPC's threads, which
+        // flushes responses still queued in the transport: exiting straight
+        // away could cut the last answers off mid-write. A call still tied to
+        // a tool that ignores its cancellation can keep that join waiting, so
+        // it gets a bounded time on a thread of its own.
+        let (flushed_tx, flushed) = crossbeam_channel::bounded::<()>(1);
+        let _ = std::thread::Builder::new()
+            .name("grpc-teardown".into())
+            .spawn(move || {
+                drop(server);
+                drop(env);
+                let _ = flushed_tx.send(());
+            });
+        let _ = flushed.recv_timeout(lifecycle::TEARDOWN);
+        // gRPC counts a call done once its last bytes are handed to the
+        // transport, not once they are written, and says nothing when they
+        // are: a short linger lets the final answers reach the socket.
+        std::thread::sleep(lifecycle::LINGER);
         eprintln!("persistent-worker: stopped");
         drop(address);
         std::process::exit(0);
