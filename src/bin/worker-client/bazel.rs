@@ -293,23 +293,13 @@ impl StdioWorker {
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        Ok(match child::wait_exit(&mut self.child, left) {
-            Some(status) if status.success() => {
-                "the worker exited cleanly when stdin closed".to_owned()
-            }
-            Some(status) => format!(
-                "warning: the worker {} when stdin closed{}",
-                child::describe(status),
-                self.stderr_block()
-            ),
-            None => {
-                child::kill(&mut self.child);
-                format!(
-                    "warning: the worker closed stdout but did not exit within {} s; killed it",
-                    EXIT_GRACE.as_secs()
-                )
-            }
-        })
+        let stderr = &self.stderr;
+        Ok(child::stop_report(
+            &mut self.child,
+            left,
+            "when stdin closed",
+            || block("worker stderr", &stderr.text(Duration::from_millis(500))),
+        ))
     }
 }
 

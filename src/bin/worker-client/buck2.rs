@@ -164,21 +164,10 @@ impl Worker {
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
-        match child::wait_exit(&mut self.child, STOP_GRACE) {
-            Some(status) if status.success() => "the worker exited cleanly on SIGTERM".to_owned(),
-            Some(status) => format!(
-                "warning: the worker {} on SIGTERM{}",
-                child::describe(status),
-                self.logs()
-            ),
-            None => {
-                child::kill(&mut self.child);
-                format!(
-                    "warning: the worker did not exit within {} s of SIGTERM; killed it",
-                    STOP_GRACE.as_secs()
-                )
-            }
-        }
+        // Read the logs only if needed, and after the exit, so they are whole.
+        child::stop_report(&mut self.child, STOP_GRACE, "on SIGTERM", || {
+            logs(&self.stdout, &self.stderr)
+        })
     }
 }
 

@@ -147,6 +147,28 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Waits up to `limit` for a worker that was asked to stop (`when`, e.g. "on
+/// SIGTERM"), kills it if it does not, and says how it ended. `logs` is
+/// appended when the exit was not clean.
+pub fn stop_report(
+    child: &mut Child,
+    limit: Duration,
+    when: &str,
+    logs: impl FnOnce() -> String,
+) -> String {
+    match wait_exit(child, limit) {
+        Some(status) if status.success() => format!("the worker exited cleanly {when}"),
+        Some(status) => format!("warning: the worker {} {when}{}", describe(status), logs()),
+        None => {
+            kill(child);
+            format!(
+                "warning: the worker did not exit within {:.1} s {when}; killed it",
+                limit.as_secs_f64()
+            )
+        }
+    }
+}
+
 /// Ends a child we started, with its process group (see [`spawn`]), and
 /// reaps it, so neither it nor a helper it started outlives us.
 pub fn kill(child: &mut Child) -> Option<ExitStatus> {
