@@ -231,10 +231,7 @@ impl StdioWorker {
     }
 
     fn stderr_block(&self) -> String {
-        block(
-            "worker stderr",
-            &self.stderr.text(Duration::from_millis(500)),
-        )
+        stderr_block(&self.stderr)
     }
 
     /// The worker stopped talking: how it ended, and its stderr.
@@ -298,7 +295,7 @@ impl StdioWorker {
             &mut self.child,
             left,
             "when stdin closed",
-            || block("worker stderr", &stderr.text(Duration::from_millis(500))),
+            || stderr_block(stderr),
         ))
     }
 }
@@ -620,4 +617,9 @@ pub fn indent(text: &str) -> String {
         .map(|l| format!("   | {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The worker's stderr as a block for an error message.
+fn stderr_block(stderr: &Tail) -> String {
+    block("worker stderr", &stderr.text(Duration::from_millis(500)))
 }
