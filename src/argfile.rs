@@ -8,11 +8,48 @@
 //! against the request's working directory (its sandbox, when it has one).
 
 use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::quote::quoted;
 
 /// Deeper nesting than this is almost surely a generator bug; stop early with
 /// a message instead of recursing until the stack runs out.
 pub const MAX_DEPTH: usize = 16;
+
+/// Default of `--max-argfile-bytes`.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
+static MAX_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_BYTES);
+
+/// Sets the byte budget [`expand`] uses from now on (`--max-argfile-bytes`,
+/// set once at start-up, before any request runs).
+pub fn set_max_bytes(max: usize) {
+    MAX_BYTES.store(max, Ordering::Relaxed);
+}
+
+/// What one expansion may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes read from all argument files of one expansion together: a small
+    /// file included many times over, level after level, would otherwise
+    /// multiply into an unbounded argument list.
+    pub max_bytes: usize,
+    pub max_depth: usize,
+}
+
+impl Limits {
+    /// The process's limits: [`set_max_bytes`] and [`MAX_DEPTH`].
+    pub fn current() -> Limits {
+        Limits {
+            max_bytes: MAX_BYTES.load(Ordering::Relaxed),
+            max_depth: MAX_DEPTH,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgfileError {
@@ -32,6 +69,18 @@ pub enum ArgfileError {
     },
     TooDeep {
         name: String,
+        max: usize,
+    },
+    /// Not a regular file: reading a FIFO, a device or a socket could block
+    /// or never end.
+    NotAFile {
+        name: String,
+        kind: &'static str,
+    },
+    /// The argument files of one request hold more than the byte budget.
+    TooLarge {
+        name: String,
+        max: usize,
     },
     /// `--flagfile` was the last argument.
     MissingName {
@@ -44,22 +93,36 @@ impl fmt::Display for ArgfileError {
         match self {
             ArgfileError::Read { name, path, reason } => write!(
                 f,
-                "cannot read argument file '{name}' ({}): {reason}",
-                path.display()
+                "cannot read argument file '{}' ({}): {reason}",
+                quoted(name),
+                quoted(&path.to_string_lossy())
             ),
             ArgfileError::NotUtf8 { name } => {
-                write!(f, "argument file '{name}' is not valid UTF-8")
+                write!(f, "argument file '{}' is not valid UTF-8", quoted(name))
             }
             ArgfileError::Cycle { chain } => {
-                write!(
-                    f,
-                    "argument files include each other: {}",
-                    chain.join(" -> ")
-                )
+                write!(f, "argument files include each other: ")?;
+                for (i, name) in chain.iter().enumerate() {
+                    let arrow = if i == 0 { "" } else { " -> " };
+                    write!(f, "{arrow}{}", quoted(name))?;
+                }
+                Ok(())
             }
-            ArgfileError::TooDeep { name } => write!(
+            ArgfileError::TooDeep { name, max } => write!(
                 f,
-                "argument file '{name}' is nested more than {MAX_DEPTH} levels deep"
+                "argument file '{}' is nested more than {max} levels deep",
+                quoted(name)
+            ),
+            ArgfileError::NotAFile { name, kind } => write!(
+                f,
+                "argument file '{}' is a {kind}, not a regular file",
+                quoted(name)
+            ),
+            ArgfileError::TooLarge { name, max } => write!(
+                f,
+                "argument file '{}' takes the argument files of this request past \
+                 {max} bytes (--max-argfile-bytes)",
+                quoted(name)
             ),
             ArgfileError::MissingName { flag } => {
                 write!(f, "'{flag}' needs an argument file name after it")
@@ -70,12 +133,37 @@ impl fmt::Display for ArgfileError {
 
 impl std::error::Error for ArgfileError {}
 
-/// Expands every argument file in `args`, recursively.
+/// Expands every argument file in `args`, recursively, within the process's
+/// [`Limits::current`].
 pub fn expand(args: &[String], base: &Path) -> Result<Vec<String>, ArgfileError> {
+    expand_with(args, base, Limits::current())
+}
+
+/// [`expand`] within explicit limits.
+pub fn expand_with(
+    args: &[String],
+    base: &Path,
+    limits: Limits,
+) -> Result<Vec<String>, ArgfileError> {
     let mut out = Vec::with_capacity(args.len());
-    let mut stack = Vec::new();
-    expand_into(args.iter().map(String::as_str), base, &mut stack, &mut out)?;
+    let mut state = State {
+        base,
+        limits,
+        stack: Vec::new(),
+        read: 0,
+    };
+    state.expand_into(args.iter().map(String::as_str), &mut out)?;
     Ok(out)
+}
+
+/// One expansion in progress.
+struct State<'b> {
+    base: &'b Path,
+    limits: Limits,
+    /// Files being expanded, outermost first: name as written, identity.
+    stack: Vec<(String, PathBuf)>,
+    /// Bytes read so far, against `limits.max_bytes`.
+    read: usize,
 }
 
 /// Protects arguments that are already expanded from a second expansion: a
@@ -122,61 +210,121 @@ fn classify(arg: &str) -> Arg<'_> {
     Arg::Literal(arg)
 }
 
-fn expand_into<'a>(
-    args: impl Iterator<Item = &'a str>,
-    base: &Path,
-    stack: &mut Vec<(String, PathBuf)>,
-    out: &mut Vec<String>,
-) -> Result<(), ArgfileError> {
-    let mut args = args;
-    while let Some(arg) = args.next() {
-        match classify(arg) {
-            Arg::Literal(literal) => out.push(literal.to_owned()),
-            Arg::File(name) => expand_file(name, base, stack, out)?,
-            Arg::FileInNext(flag) => match args.next() {
-                Some(name) => expand_file(name, base, stack, out)?,
-                None => {
-                    return Err(ArgfileError::MissingName {
-                        flag: flag.to_owned(),
-                    })
-                }
-            },
+impl State<'_> {
+    fn expand_into<'a>(
+        &mut self,
+        mut args: impl Iterator<Item = &'a str>,
+        out: &mut Vec<String>,
+    ) -> Result<(), ArgfileError> {
+        while let Some(arg) = args.next() {
+            match classify(arg) {
+                Arg::Literal(literal) => out.push(literal.to_owned()),
+                Arg::File(name) => self.expand_file(name, out)?,
+                Arg::FileInNext(flag) => match args.next() {
+                    Some(name) => self.expand_file(name, out)?,
+                    None => {
+                        return Err(ArgfileError::MissingName {
+                            flag: flag.to_owned(),
+                        })
+                    }
+                },
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    fn expand_file(&mut self, name: &str, out: &mut Vec<String>) -> Result<(), ArgfileError> {
+        let path = self.base.join(name);
+        // Canonical paths make `a` and `./a` the same file for cycle detection.
+        let identity = path.canonicalize().unwrap_or_else(|_| path.clone());
+        if let Some(start) = self.stack.iter().position(|(_, p)| *p == identity) {
+            let mut chain: Vec<String> =
+                self.stack[start..].iter().map(|(n, _)| n.clone()).collect();
+            chain.push(name.to_owned());
+            return Err(ArgfileError::Cycle { chain });
+        }
+        if self.stack.len() >= self.limits.max_depth {
+            return Err(ArgfileError::TooDeep {
+                name: name.to_owned(),
+                max: self.limits.max_depth,
+            });
+        }
+        let budget = self.limits.max_bytes - self.read;
+        let bytes = read_bounded(&path, budget).map_err(|e| match e {
+            ReadError::Io(e) => ArgfileError::Read {
+                name: name.to_owned(),
+                path: path.clone(),
+                reason: e.to_string(),
+            },
+            ReadError::NotAFile(kind) => ArgfileError::NotAFile {
+                name: name.to_owned(),
+                kind,
+            },
+            ReadError::TooLarge => ArgfileError::TooLarge {
+                name: name.to_owned(),
+                max: self.limits.max_bytes,
+            },
+        })?;
+        self.read += bytes.len();
+        let text = String::from_utf8(bytes).map_err(|_| ArgfileError::NotUtf8 {
+            name: name.to_owned(),
+        })?;
+        self.stack.push((name.to_owned(), identity));
+        let result = self.expand_into(lines(&text), out);
+        self.stack.pop();
+        result
+    }
 }
 
-fn expand_file(
-    name: &str,
-    base: &Path,
-    stack: &mut Vec<(String, PathBuf)>,
-    out: &mut Vec<String>,
-) -> Result<(), ArgfileError> {
-    let path = base.join(name);
-    // Canonical paths make `a` and `./a` the same file for cycle detection.
-    let identity = path.canonicalize().unwrap_or_else(|_| path.clone());
-    if let Some(start) = stack.iter().position(|(_, p)| *p == identity) {
-        let mut chain: Vec<String> = stack[start..].iter().map(|(n, _)| n.clone()).collect();
-        chain.push(name.to_owned());
-        return Err(ArgfileError::Cycle { chain });
+enum ReadError {
+    Io(std::io::Error),
+    NotAFile(&'static str),
+    TooLarge,
+}
+
+/// Reads a regular file of at most `budget` bytes.
+///
+/// `O_NONBLOCK` makes opening a FIFO return at once instead of waiting for a
+/// writer (and is harmless for regular files); the type is then checked on
+/// the opened descriptor, so a file swapped in after the check is never the
+/// one read. Symlinks are followed: build tools link inputs into sandboxes.
+fn read_bounded(path: &Path, budget: usize) -> Result<Vec<u8>, ReadError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    let kind = file.metadata().map_err(ReadError::Io)?.file_type();
+    if !kind.is_file() {
+        return Err(ReadError::NotAFile(describe(kind)));
     }
-    if stack.len() >= MAX_DEPTH {
-        return Err(ArgfileError::TooDeep {
-            name: name.to_owned(),
-        });
+    let mut bytes = Vec::new();
+    // One byte past the budget tells "exactly full" from "too large"; the
+    // file's own size is not trusted, it may grow while being read.
+    let limit = u64::try_from(budget).unwrap_or(u64::MAX).saturating_add(1);
+    Read::take(&file as &File, limit)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() > budget {
+        return Err(ReadError::TooLarge);
     }
-    let bytes = std::fs::read(&path).map_err(|e| ArgfileError::Read {
-        name: name.to_owned(),
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|_| ArgfileError::NotUtf8 {
-        name: name.to_owned(),
-    })?;
-    stack.push((name.to_owned(), identity));
-    let result = expand_into(lines(&text), base, stack, out);
-    stack.pop();
-    result
+    Ok(bytes)
+}
+
+fn describe(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
 }
 
 /// One argument per line; `\r\n` endings count as `\n`, and the newline that
@@ -316,6 +464,10 @@ mod tests {
         // f1..f17 is one file more than the limit; f2..f17 fits exactly.
         let err = expand(&strings(&["@f1"]), d.path()).unwrap_err();
         assert!(matches!(err, ArgfileError::TooDeep { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("nested more than 16 levels"),
+            "{err}"
+        );
         let got = expand(&strings(&["@f2"]), d.path()).unwrap();
         assert_eq!(got, strings(&["end"]));
     }
@@ -344,5 +496,96 @@ mod tests {
                 flag: "--flagfile".into()
             }
         );
+    }
+
+    fn limits(max_bytes: usize) -> Limits {
+        Limits {
+            max_bytes,
+            max_depth: MAX_DEPTH,
+        }
+    }
+
+    #[test]
+    fn special_files_are_refused_by_kind() {
+        let d = dir();
+        fs::create_dir(d.path().join("a-dir")).unwrap();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for (arg, kind) in [
+            ("@a-dir", "directory"),
+            // Opening a FIFO without a writer would block; it must not.
+            ("@fifo", "FIFO"),
+            ("@/dev/zero", "character device"),
+        ] {
+            let err = expand(&strings(&[arg]), d.path()).unwrap_err();
+            assert!(
+                matches!(&err, ArgfileError::NotAFile { kind: k, .. } if *k == kind),
+                "{arg}: {err:?}"
+            );
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+    }
+
+    #[test]
+    fn byte_budget_counts_exactly() {
+        let d = dir();
+        write(d.path(), "ten", "123456789\n");
+        assert_eq!(
+            expand_with(&strings(&["@ten"]), d.path(), limits(10)).unwrap(),
+            ["123456789"]
+        );
+        let err = expand_with(&strings(&["@ten"]), d.path(), limits(9)).unwrap_err();
+        assert_eq!(
+            err,
+            ArgfileError::TooLarge {
+                name: "ten".into(),
+                max: 9
+            }
+        );
+        assert!(err.to_string().contains("--max-argfile-bytes"), "{err}");
+    }
+
+    #[test]
+    fn byte_budget_covers_repeated_inclusion() {
+        // Each level includes the next ten times: 10^6 leaves from 62 bytes
+        // of files, unless the budget counts every inclusion.
+        let d = dir();
+        write(d.path(), "l0", "leaf\n");
+        for level in 1..=6 {
+            write(
+                d.path(),
+                &format!("l{level}"),
+                &format!("@l{}\n", level - 1).repeat(10),
+            );
+        }
+        let err = expand_with(&strings(&["@l6"]), d.path(), limits(1 << 16)).unwrap_err();
+        assert!(matches!(err, ArgfileError::TooLarge { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn symlinks_are_followed_and_loops_reported() {
+        let d = dir();
+        write(d.path(), "real", "x\n");
+        std::os::unix::fs::symlink("real", d.path().join("link")).unwrap();
+        assert_eq!(expand(&strings(&["@link"]), d.path()).unwrap(), ["x"]);
+        std::os::unix::fs::symlink("loop-b", d.path().join("loop-a")).unwrap();
+        std::os::unix::fs::symlink("loop-a", d.path().join("loop-b")).unwrap();
+        let err = expand(&strings(&["@loop-a"]), d.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("symbolic links"),
+            "ELOOP expected: {err}"
+        );
+    }
+
+    #[test]
+    fn a_huge_missing_name_gives_a_short_message() {
+        let d = dir();
+        let name = "n".repeat(4 << 20);
+        let err = expand(&[format!("@{name}")], d.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.len() < 1000, "{} bytes", text.len());
+        assert!(text.contains(&format!("({} bytes)", 4 << 20)), "{text}");
     }
 }

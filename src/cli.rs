@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::argfile;
 use crate::bazel::framing::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::bazel::WireFormat;
+use crate::quote::{quoted, quoted_bytes};
 
 pub const USAGE: &str = "\
 usage: persistent-worker [OPTIONS] --persistent_worker    Bazel-protocol worker on stdin/stdout
@@ -24,6 +25,8 @@ options:
   --worker-protocol FORMAT   Bazel framing: proto (default) or json
   --work-ms N                demo tool: simulated work per request (default 0)
   --max-message-bytes N      Bazel: largest request accepted (default 67108864)
+  --max-argfile-bytes N      bytes one request may read from argument files,
+                             all of them together (default 67108864)
   --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
                              after SIGTERM/SIGINT (default 2000)
   --verbose                  log each request's start and end on stderr
@@ -48,6 +51,7 @@ pub struct Options {
     pub wire_format: WireFormat,
     pub work: Duration,
     pub max_message_bytes: usize,
+    pub max_argfile_bytes: usize,
     pub shutdown_grace: Duration,
     /// Log every request's start and end on stderr.
     pub verbose: bool,
@@ -73,8 +77,12 @@ pub fn parse(
     let args = args
         .into_iter()
         .map(|a| {
-            a.into_string()
-                .map_err(|a| format!("argument {a:?} is not valid UTF-8"))
+            a.into_string().map_err(|a| {
+                format!(
+                    "argument {:?} is not valid UTF-8",
+                    quoted_bytes(a.as_encoded_bytes())
+                )
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let args = argfile::expand(&args, cwd).map_err(|e| e.to_string())?;
@@ -91,6 +99,7 @@ pub fn parse(
         wire_format: WireFormat::Proto,
         work: Duration::ZERO,
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        max_argfile_bytes: argfile::DEFAULT_MAX_BYTES,
         shutdown_grace: Duration::from_millis(2000),
         verbose: false,
         request_args: Vec::new(),
@@ -114,6 +123,9 @@ pub fn parse(
             }
             Long("max-message-bytes") => {
                 options.max_message_bytes = number(&mut parser, "--max-message-bytes")?
+            }
+            Long("max-argfile-bytes") => {
+                options.max_argfile_bytes = number(&mut parser, "--max-argfile-bytes")?
             }
             Long("shutdown-grace-ms") => {
                 options.shutdown_grace =
@@ -143,9 +155,12 @@ pub fn parse(
 
 /// An argument as UTF-8, or a message naming it. (Shared with worker-client.)
 pub fn os_text(value: OsString) -> Result<String, String> {
-    value
-        .into_string()
-        .map_err(|v| format!("argument {v:?} is not valid UTF-8"))
+    value.into_string().map_err(|v| {
+        format!(
+            "argument {:?} is not valid UTF-8",
+            quoted_bytes(v.as_encoded_bytes())
+        )
+    })
 }
 
 /// The current option's value as UTF-8.
@@ -161,7 +176,7 @@ where
     let value = text(parser)?;
     value
         .parse()
-        .map_err(|e| format!("invalid value '{value}' for {flag}: {e}"))
+        .map_err(|e| format!("invalid value '{}' for {flag}: {e}", quoted(&value)))
 }
 
 #[cfg(test)]
@@ -215,6 +230,25 @@ mod tests {
         assert_eq!(o.concurrency, 3);
         assert_eq!(o.wire_format, WireFormat::Json);
         assert_eq!(o.work, Duration::from_millis(250));
+        assert_eq!(o.max_argfile_bytes, argfile::DEFAULT_MAX_BYTES);
+        let o = options(
+            &["--max-argfile-bytes", "1000", "--persistent_worker"],
+            None,
+        );
+        assert_eq!(o.max_argfile_bytes, 1000);
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_quoted_short() {
+        let huge = "9".repeat(1 << 20);
+        let err = run(
+            &["--max-argfile-bytes", &huge, "--persistent_worker"],
+            None,
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.len() < 1000, "{} byte message", err.len());
+        assert!(err.contains("(1048576 bytes)"), "{err}");
     }
 
     #[test]

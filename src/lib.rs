@@ -15,6 +15,7 @@
 //! - [`request`]: the protocol-independent request, response, cancellation
 //!   token, and the [`request::Handler`] trait a tool implements.
 //! - [`argfile`]: `@file` / `--flagfile=file` expansion.
+//! - [`quote`]: client text in error messages, shortened.
 //! - [`demo`]: the demo tool, one `Handler`.
 //! - [`process`]: process-wide set-up (identity line, stdout protection).
 //! - [`proto`]: messages generated from `protos/`.
@@ -25,7 +26,13 @@
 
 pub mod argfile;
 pub mod bazel;
+#[cfg(feature = "grpc")]
 pub mod buck2;
+/// Built without gRPC (the fuzz targets): Buck2's message conversion only.
+#[cfg(not(feature = "grpc"))]
+pub mod buck2 {
+    pub mod command;
+}
 pub mod cli;
 pub mod demo;
 pub mod modes;
@@ -33,4 +40,5 @@ pub mod oneshot;
 pub mod pool;
 pub mod process;
 pub mod proto;
+pub mod quote;
 pub mod request;

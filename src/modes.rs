@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::bazel::worker::{self, Config};
+#[cfg(feature = "grpc")]
+use crate::buck2;
 use crate::cli::{self, Command, Mode, Options, USAGE};
 use crate::pool::Pool;
 use crate::request::Handler;
-use crate::{buck2, oneshot, process};
+use crate::{oneshot, process};
 
 /// Runs the whole program for the handler that `make_handler` builds from the
 /// parsed options, and returns the process exit code.
@@ -42,10 +44,13 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
             return ExitCode::from(2);
         }
     };
+    // Before any request runs: every front end expands through `pool::run`.
+    crate::argfile::set_max_bytes(options.max_argfile_bytes);
     let handler = make_handler(&options);
     let code = match options.mode.clone() {
         Mode::OneShot => oneshot::run(handler.as_ref(), options.request_args, cwd),
         Mode::Bazel => run_bazel(handler, &options, cwd),
+        #[cfg(feature = "grpc")]
         Mode::Buck2 { socket } => buck2::serve(
             handler,
             &socket,
@@ -55,6 +60,11 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
                 verbose: options.verbose,
             },
         ),
+        #[cfg(not(feature = "grpc"))]
+        Mode::Buck2 { .. } => {
+            eprintln!("persistent-worker: built without the Buck2 front end (feature grpc)");
+            2
+        }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -99,6 +99,13 @@ impl Pool {
         }
     }
 
+    /// Lets the threads go without waiting for them: each ends once the
+    /// queue is drained, and one stuck in a handler is simply left behind.
+    pub fn detach(mut self) {
+        self.sender.take();
+        self.threads.clear();
+    }
+
     /// Finishes every queued job, then joins the threads.
     pub fn join(mut self) {
         self.shutdown();

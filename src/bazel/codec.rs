@@ -9,6 +9,7 @@ use protobuf::Message;
 use super::framing::{self, FrameError};
 use super::json;
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
+use crate::quote::quoted;
 
 /// Chosen with `--worker-protocol`; Bazel tells the worker nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +57,7 @@ impl WireFormat {
                     };
                     protobuf_json_mapping::parse_from_str_with_options(text, &options)
                         .map(Some)
-                        .map_err(|e| FrameError::Malformed(format!("{e} in {text}")))
+                        .map_err(|e| FrameError::Malformed(format!("{e} in {}", quoted(text))))
                 }
             },
         }

@@ -11,6 +11,9 @@ pub const MAX_VARINT_BYTES: usize = 5;
 /// Default largest frame accepted (`--max-message-bytes`).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How much a payload buffer grows per read; see [`read_frame`].
+pub const READ_CHUNK: usize = 64 << 10;
+
 /// Why the input stream cannot be read as frames. Every variant is fatal for
 /// the stream: after it, frame boundaries are unknown.
 #[derive(Debug)]
@@ -117,9 +120,15 @@ pub fn read_frame(input: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, 
             max,
         });
     }
-    let mut payload = vec![0u8; length];
+    // The length is the client's word, not bytes that exist: the buffer grows
+    // one chunk at a time as payload arrives, so a frame announcing 60 MiB
+    // and then ending costs what was sent, not 60 MiB.
+    let mut payload = Vec::new();
     let mut got = 0;
     while got < length {
+        if got == payload.len() {
+            payload.resize(got + (length - got).min(READ_CHUNK), 0);
+        }
         match read_some(input, &mut payload[got..])? {
             0 => {
                 return Err(FrameError::Truncated {
@@ -191,6 +200,59 @@ mod tests {
         assert!(
             matches!(err, FrameError::TooLarge { length, max } if length == LIMIT as u64 + 1 && max == LIMIT)
         );
+    }
+
+    /// Records the largest buffer it was asked to fill: the allocation a
+    /// reader makes before the bytes exist.
+    struct Watched<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            self.bytes.read(buf)
+        }
+    }
+
+    #[test]
+    fn an_announced_length_is_not_allocated_before_the_bytes_come() {
+        let mut input = Vec::new();
+        encode_varint(60 << 20, &mut input);
+        input.extend_from_slice(&[7u8; 100_000]);
+        let mut watched = Watched {
+            bytes: &input,
+            largest: 0,
+        };
+        let err = read_frame(&mut watched, 64 << 20).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Truncated { expected, got } if expected == 60 << 20 && got == 100_000),
+            "{err:?}"
+        );
+        assert!(
+            watched.largest <= READ_CHUNK,
+            "asked for {}",
+            watched.largest
+        );
+    }
+
+    #[test]
+    fn a_frame_arriving_in_pieces_is_whole() {
+        let payload: Vec<u8> = (0..3 * READ_CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let frame = encode_frame(&payload);
+        // One byte per read: every chunk boundary is crossed mid-read.
+        struct Dribble<'a>(&'a [u8]);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(1).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let got = read_frame(&mut Dribble(&frame), LIMIT).unwrap();
+        assert_eq!(got.as_deref(), Some(&payload[..]));
     }
 
     #[test]

@@ -8,6 +8,11 @@ use std::io::BufRead;
 
 use super::framing::FrameError;
 
+/// Deepest nesting of arrays and objects accepted. A `WorkRequest` needs 3;
+/// the JSON parser recurses once per level, even through unknown fields it
+/// skips, so 100k `[` would exhaust the reading thread's stack.
+pub const MAX_DEPTH: usize = 100;
+
 /// Reads the next top-level object's bytes. `Ok(None)` is end of input with
 /// only whitespace since the last object.
 pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
@@ -58,7 +63,14 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
             }
             match byte {
                 b'"' => in_string = true,
-                b'{' | b'[' => depth += 1,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err(FrameError::Malformed(format!(
+                            "JSON nested more than {MAX_DEPTH} levels deep"
+                        )));
+                    }
+                }
                 b'}' | b']' => depth = depth.saturating_sub(1),
                 _ => {}
             }
@@ -116,6 +128,30 @@ mod tests {
         ));
         assert!(matches!(objects("[1]"), Err(FrameError::Malformed(_))));
         assert!(matches!(objects("{} x"), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_the_limit() {
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(objects(&format!("{{\"x\":{ok}}}")).is_ok());
+        let deep = "[".repeat(MAX_DEPTH);
+        let err = objects(&format!("{{\"x\":{deep}")).unwrap_err();
+        assert!(
+            matches!(&err, FrameError::Malformed(m) if m.contains("nested more than")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_object_that_never_closes_stops_at_the_limit() {
+        // An endless stream: only the limit can end this read.
+        let endless = std::io::Read::chain(&b"{\"a\":\""[..], std::io::repeat(b'x'));
+        let mut reader = std::io::BufReader::new(endless);
+        let err = read_object(&mut reader, 1 << 20).unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { length, max } if max == 1 << 20 && length > 1 << 20 && length <= (1 << 20) + 8192),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -4,12 +4,15 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::quote::quoted;
+
 /// The directory a request's relative paths resolve against.
 pub fn resolve(cwd: &Path, sandbox_dir: &str) -> Result<PathBuf, String> {
     if sandbox_dir.is_empty() {
         return Ok(cwd.to_path_buf());
     }
     let relative = Path::new(sandbox_dir);
+    let sandbox_dir = quoted(sandbox_dir);
     if relative.is_absolute() {
         return Err(format!(
             "sandbox_dir '{sandbox_dir}' must be relative to the worker's directory"

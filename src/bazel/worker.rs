@@ -98,7 +98,7 @@ pub fn serve(
                 }
                 // Joining would wait for handlers that may not honour the
                 // cancel; the caller exits, so the threads need not finish.
-                std::mem::forget(pool);
+                pool.detach();
                 return Err(e);
             }
         };

@@ -3,12 +3,14 @@
 //!
 //! - [`service`]: method descriptors for `worker.Worker` and
 //!   `worker.WorkerStreaming` (public, for clients too) and registration.
+//! - [`command`]: `ExecuteCommand` → request (no gRPC; fuzzed).
 //! - [`calls`]: Execute, Exec and ExecuteStream as futures that move messages
 //!   between gRPC and the pool.
 //! - [`socket`]: path checks, long paths, mode 0600, removal.
 //! - [`lifecycle`]: signals, parent death, in-flight tracking for shutdown.
 
 pub mod calls;
+pub mod command;
 pub mod lifecycle;
 pub mod service;
 pub mod socket;

@@ -155,6 +155,10 @@ impl Worker {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
     pub fn recv(&self) -> WorkResponse {
         self.recv_timed().1
     }

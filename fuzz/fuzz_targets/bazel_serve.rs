@@ -1,0 +1,90 @@
+//! The whole Bazel front end: arbitrary stdin into `serve` with a trivial
+//! handler. It must return (no hang, no panic), write only whole, decodable
+//! responses, and, when the input was well formed, answer every request that
+//! is not a cancel exactly once.
+#![no_main]
+
+use std::io::{BufReader, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use libfuzzer_sys::fuzz_target;
+use persistent_worker::bazel::worker::{serve, Config};
+use persistent_worker::bazel::WireFormat;
+use persistent_worker::pool::Pool;
+use persistent_worker::request::{Request, Response};
+
+const MAX: usize = 1 << 16;
+
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn cwd() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        persistent_worker::argfile::set_max_bytes(1 << 14);
+        tempfile::tempdir().expect("temp dir")
+    })
+    .path()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, stdin)) = data.split_first() else {
+        return;
+    };
+    let format = if selector & 1 == 0 {
+        WireFormat::Proto
+    } else {
+        WireFormat::Json
+    };
+    let config = Config {
+        format,
+        max_message_bytes: MAX,
+        cwd: cwd().to_path_buf(),
+        verbose: false,
+    };
+    let handler = Arc::new(|r: &Request| Response::ok(r.args.join(" ")));
+    let output = Shared::default();
+    let result = serve(
+        handler,
+        Pool::new(2),
+        &config,
+        BufReader::with_capacity(usize::from(selector >> 1) + 1, stdin),
+        Box::new(output.clone()),
+    );
+
+    // What a client would read: whole responses and nothing else.
+    let written = output.0.lock().unwrap().clone();
+    let mut reader = &written[..];
+    let mut responses = 0;
+    while let Some(_) = format
+        .read_response(&mut reader, usize::MAX)
+        .expect("output is whole, well-formed responses")
+    {
+        responses += 1;
+    }
+
+    if result.is_ok() {
+        // Every request that is not a cancel is answered exactly once.
+        let mut input = BufReader::new(stdin);
+        let mut expected = 0;
+        while let Some(request) = format
+            .read_request(&mut input, MAX)
+            .expect("serve read this input without error")
+        {
+            if !request.cancel {
+                expected += 1;
+            }
+        }
+        assert_eq!(responses, expected);
+    }
+});
