@@ -237,17 +237,33 @@ fn assert_protocol_error(args: &[&str], input: &[u8], expect: &str) {
 }
 
 #[test]
-fn known_fields_with_wrong_wire_types_are_protocol_errors() {
-    // request_id (field 3, a varint) sent as length-delimited bytes.
-    let mut bytes = Vec::new();
+fn known_fields_with_wrong_wire_types_are_skipped_like_unknown_ones() {
+    // As protobuf's own parsers do: a field whose wire type does not match
+    // its declaration is kept as an unknown field, and the request is read
+    // as if it were absent.
+    let d = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&[], d.path());
+    // request_id (field 3, a varint) as length-delimited bytes.
+    let mut bytes = request(0, &["wt1.txt"]).write_to_bytes().unwrap();
     tag(3, 2, &mut bytes);
     bytes.extend_from_slice(&[1, 7]);
-    assert_protocol_error(&[], &encode_frame(&bytes), "undecodable");
-    // arguments (field 1, a string) sent as a varint.
-    let mut bytes = Vec::new();
+    worker.send_raw(&encode_frame(&bytes));
+    let response = worker.recv();
+    assert_eq!(
+        (response.request_id, response.exit_code),
+        (0, 0),
+        "{}",
+        response.output
+    );
+    assert!(d.path().join("wt1.txt").exists());
+    // arguments (field 1, a string) as a varint, next to a real argument.
+    let mut bytes = request(0, &["wt2.txt"]).write_to_bytes().unwrap();
     tag(1, 0, &mut bytes);
     bytes.push(5);
-    assert_protocol_error(&[], &encode_frame(&bytes), "undecodable");
+    worker.send_raw(&encode_frame(&bytes));
+    let response = worker.recv();
+    assert_eq!(response.exit_code, 0, "{}", response.output);
+    assert!(d.path().join("wt2.txt").exists());
 }
 
 #[test]
