@@ -25,9 +25,9 @@ status=0
 cargo fuzz run --fuzz-dir fuzz "$target" "$corpus" "$seeds" -- \
   -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
   >"$log" 2>&1 || status=$?
-grep -E '^#[0-9]+' "$log" | tail -n 1 || true
-execs=$(grep -E '^stat::number_of_executed_units:' "$log" | awk '{print $2}')
-peak=$(grep -E '^stat::peak_rss_mb:' "$log" | awk '{print $2}')
+grep -aE '^#[0-9]+' "$log" | tail -n 1 || true
+execs=$(grep -aE '^stat::number_of_executed_units:' "$log" | awk '{print $2}')
+peak=$(grep -aE '^stat::peak_rss_mb:' "$log" | awk '{print $2}')
 if [ "$status" -ne 0 ]; then
   tail -n 60 "$log" >&2
   echo "fuzz $target: FAILED after ${execs:-?} executions (exit $status)" >&2

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::quote::quoted;
 use crate::request::{Handler, Request, Response};
 
 pub const USAGE: &str =
@@ -91,7 +92,8 @@ impl Handler for Demo {
     fn handle(&self, request: &Request) -> Response {
         let args = match parse(&request.args) {
             Ok(args) => args,
-            Err(e) => return Response::error(2, format!("demo: {e}\n{USAGE}")),
+            // The message may quote an argument, which may be megabytes long.
+            Err(e) => return Response::error(2, format!("demo: {}\n{USAGE}", quoted(&e))),
         };
         if let Some(text) = &args.print_stdout {
             stray_stdout(text);

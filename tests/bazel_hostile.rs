@@ -154,6 +154,24 @@ fn a_huge_missing_argument_file_name_gives_a_short_error() {
 }
 
 #[test]
+fn a_huge_unknown_option_gives_a_short_error() {
+    let d = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--verbose"], d.path());
+    let option = format!("--{}", "o".repeat(4 << 20));
+    worker.send(&request(3, &[&option, "x.txt"]));
+    let response = worker.recv();
+    assert_eq!(response.exit_code, 2, "{}", &response.output[..200]);
+    assert!(
+        response.output.len() < 2048,
+        "{} byte error response",
+        response.output.len()
+    );
+    let (_, _, stderr) = worker.finish();
+    // The verbose request log is bounded too.
+    assert!(stderr.len() < 8192, "{} bytes of log", stderr.len());
+}
+
+#[test]
 fn negative_ids_are_multiplex_ids_and_echoed() {
     let d = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&[], d.path());

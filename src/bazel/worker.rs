@@ -20,6 +20,7 @@ use super::framing::FrameError;
 use super::sandbox;
 use crate::pool::Pool;
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
+use crate::quote::quoted;
 use crate::request::{lock, CancelToken, Handler, Request, Response};
 
 /// How the loop reads and writes, fixed at start-up.
@@ -201,7 +202,7 @@ fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
 
 fn log_request(work: &WorkRequest) {
     eprintln!(
-        "worker: request {}{}: {} argument(s), {} input(s), verbosity {}{}: {:?}",
+        "worker: request {}{}: {} argument(s), {} input(s), verbosity {}{}: {}",
         work.request_id,
         if work.cancel { " (cancel)" } else { "" },
         work.arguments.len(),
@@ -210,8 +211,9 @@ fn log_request(work: &WorkRequest) {
         if work.sandbox_dir.is_empty() {
             String::new()
         } else {
-            format!(", sandbox {}", work.sandbox_dir)
+            format!(", sandbox {}", quoted(&work.sandbox_dir))
         },
-        work.arguments,
+        // A request may carry 60 MiB of arguments; the log shows the start.
+        quoted(&format!("{:?}", work.arguments)),
     );
 }
