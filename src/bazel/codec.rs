@@ -118,7 +118,7 @@ impl WireFormat {
                     };
                     protobuf_json_mapping::parse_from_str_with_options(&text, &options)
                         .map(Some)
-                        .map_err(|e| FrameError::Malformed(format!("{e} in {text}")))
+                        .map_err(|e| FrameError::Malformed(format!("{e} in {}", quoted(&text))))
                 }
             },
         }

@@ -285,6 +285,19 @@ mod tests {
     }
 
     #[test]
+    fn padded_varints_decode_like_protobuf_does() {
+        // Non-minimal but valid: `80 00` is 0 in two bytes. Found by the
+        // framer fuzz target, whose round-trip check first assumed minimal
+        // encodings.
+        assert_eq!(decode_varint(&[0x80, 0x00]).unwrap(), Some((0, 2)));
+        let frame = [0x81u8, 0x00, b'x'];
+        assert_eq!(
+            read_frame(&mut &frame[..], LIMIT).unwrap().as_deref(),
+            Some(&b"x"[..])
+        );
+    }
+
+    #[test]
     fn six_byte_varint_is_rejected() {
         let bytes = [0x81u8, 0x80, 0x80, 0x80, 0x80, 0x00];
         assert!(matches!(
