@@ -53,7 +53,8 @@ impl Limits {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgfileError {
-    /// The file could not be read (missing, a directory, no permission).
+    /// The file could not be opened or read (missing, no permission, a
+    /// symlink loop).
     Read {
         name: String,
         path: PathBuf,
