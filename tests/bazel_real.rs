@@ -917,6 +917,10 @@ fn real_bazel_4_drives_the_worker_over_json_and_sandboxed() {
             "a sandboxed worker ran in {}, not in a directory of its own under bazel-workers",
             banner.cwd
         );
+        eprintln!(
+            "bazel_real: sandboxed worker for {name} runs in {}",
+            banner.cwd
+        );
         sandboxed_pids.insert(banner.pid);
     }
     assert_eq!(
