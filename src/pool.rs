@@ -324,27 +324,62 @@ mod tests {
 
     #[test]
     fn pool_runs_jobs_concurrently_and_queues_the_rest() {
+        const WAIT: Duration = Duration::from_secs(5);
         let pool = Pool::new(2);
         assert_eq!(pool.size(), 2);
-        // Two jobs that each wait for the other prove both ran at once.
+        // Two jobs that each wait for the other prove both ran at once. Every
+        // wait is bounded: a serial pool must fail this test, not hang it.
         let (a_tx, a_rx) = bounded::<()>(1);
         let (b_tx, b_rx) = bounded::<()>(1);
-        let (done_tx, done_rx) = unbounded::<&str>();
-        let d1 = done_tx.clone();
+        let (started_tx, started_rx) = unbounded::<&str>();
+        let (release_tx, release_rx) = bounded::<()>(2);
+        let (done_tx, done_rx) = unbounded::<Result<&str, String>>();
+        for (name, tx, rx) in [("first", a_tx, b_rx), ("second", b_tx, a_rx)] {
+            let (started, release, done) =
+                (started_tx.clone(), release_rx.clone(), done_tx.clone());
+            pool.spawn(move || {
+                let _ = tx.send(());
+                let outcome = match rx.recv_timeout(WAIT) {
+                    Ok(()) => {
+                        let _ = started.send(name);
+                        // Holds its thread until the test has looked for the
+                        // third job.
+                        release
+                            .recv_timeout(WAIT)
+                            .map(|()| name)
+                            .map_err(|_| format!("{name}: never released"))
+                    }
+                    Err(_) => Err(format!("{name}: its sibling never ran alongside")),
+                };
+                let _ = done.send(outcome);
+            });
+        }
+        let queued_started = started_tx;
         pool.spawn(move || {
-            a_tx.send(()).unwrap();
-            b_rx.recv().unwrap();
-            d1.send("first").unwrap();
+            let _ = queued_started.send("queued");
+            let _ = done_tx.send(Ok("queued"));
         });
-        let d2 = done_tx.clone();
-        pool.spawn(move || {
-            b_tx.send(()).unwrap();
-            a_rx.recv().unwrap();
-            d2.send("second").unwrap();
-        });
-        pool.spawn(move || done_tx.send("queued").unwrap());
+        let mut running = Vec::new();
+        for _ in 0..2 {
+            match started_rx.recv_timeout(WAIT) {
+                Ok(name) => running.push(name),
+                Err(_) => panic!("two jobs never ran at once; started: {running:?}"),
+            }
+        }
+        running.sort();
+        assert_eq!(running, ["first", "second"], "the third job ran early");
+        // Both threads are taken: the third job must wait for one of them.
+        assert!(
+            started_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "a third job ran while both threads were busy"
+        );
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        let mut finished: Vec<_> = (0..3)
+            .map(|_| done_rx.recv_timeout(WAIT).expect("every job finishes"))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"));
         pool.join();
-        let mut finished: Vec<_> = done_rx.iter().collect();
         finished.sort();
         assert_eq!(finished, ["first", "queued", "second"]);
     }

@@ -213,9 +213,53 @@ mod tests {
     fn cancel_wakes_a_sleeping_request() {
         let token = CancelToken::new();
         let remote = token.clone();
-        let sleeper = thread::spawn(move || remote.sleep(Duration::from_secs(60)));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            // SAFETY: gettid(2) has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let _ = done_tx.send(remote.sleep(Duration::from_secs(60)));
+        });
+        let tid = tid_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the sleeper thread started");
+        // Cancelling before the sleeper waits would pass without any wake-up
+        // (sleep checks the flag first), so wait until the kernel reports the
+        // thread blocked: its only blocking call is the condition variable.
+        wait_until_blocked(tid);
         token.cancel();
-        assert_eq!(sleeper.join().unwrap(), Err(Stop::Cancelled));
+        let woke = done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("cancel() did not wake the sleeper within 5 s");
+        assert_eq!(woke, Err(Stop::Cancelled));
+    }
+
+    /// Waits (bounded) until thread `tid` of this process is in state `S`
+    /// (interruptible sleep) in the futex call behind a condition variable.
+    fn wait_until_blocked(tid: libc::pid_t) {
+        let stat = format!("/proc/self/task/{tid}/stat");
+        let wchan = format!("/proc/self/task/{tid}/wchan");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let sleeping = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('S'));
+            // wchan is "0" or unreadable on some kernels; then the state alone
+            // has to do.
+            let in_futex = std::fs::read_to_string(&wchan)
+                .map(|w| w.contains("futex") || w == "0" || w.is_empty())
+                .unwrap_or(true);
+            if sleeping && in_futex {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "thread {tid} never blocked: {state}"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

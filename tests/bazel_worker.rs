@@ -14,15 +14,28 @@ use std::time::Duration;
 #[test]
 fn singleplex_requests_run_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let mut worker = Worker::start(&[], dir.path());
+    let mut worker = Worker::start(&["--concurrency", "4"], dir.path());
+    // All five are sent before any answer is read, each shorter than the one
+    // before: a worker that ran them side by side would answer the last one
+    // first. Singleplex (id 0) must answer in the order it was asked.
     for i in 0..5 {
-        worker.send(&request(0, &[&format!("out-{i}.txt")]));
+        let ms = (4 - i) * 100;
+        worker.send(&request(
+            0,
+            &["--work-ms", &ms.to_string(), &format!("out-{i}.txt")],
+        ));
+    }
+    for i in 0..5 {
         let r = worker.recv();
         assert_eq!((r.request_id, r.exit_code), (0, 0), "{}", r.output);
         let first = r.output.lines().next().unwrap();
         assert!(first.starts_with("Bazel persistent worker "), "{first}");
         assert!(first.ends_with(" 0"), "{first}");
-        assert!(r.output.contains(&format!("out-{i}.txt")));
+        assert!(
+            r.output.contains(&format!("out-{i}.txt")),
+            "answer {i} is not for out-{i}.txt: {}",
+            r.output
+        );
     }
     let (status, rest, _) = worker.finish();
     assert!(status.success());
@@ -55,12 +68,12 @@ fn multiplex_requests_overlap() {
     let mut ids: Vec<i32> = arrivals.iter().map(|(_, r)| r.request_id).collect();
     ids.sort();
     assert_eq!(ids, [1, 2, 3, 4]);
-    // Run one after another, each of these 500 ms requests would finish at
-    // least 500 ms after the previous one. All four finishing inside one
-    // request's work time means they ran at the same time.
+    // With fewer than 4 threads the last of these 500 ms requests starts
+    // when an earlier one ends and arrives a whole period after the first.
+    // Half a period leaves room for scheduling and still fails that case.
     let spread = arrivals[3].0 - arrivals[0].0;
     assert!(
-        spread < Duration::from_millis(500),
+        spread < Duration::from_millis(250),
         "responses spread over {spread:?}"
     );
 }
@@ -76,11 +89,54 @@ fn id_zero_does_not_block_multiplex_siblings() {
     }
     let mut arrivals: Vec<_> = (0..4).map(|_| worker.recv_timed().0).collect();
     arrivals.sort();
+    // Were id 0 to hold back its siblings, one would arrive a whole period
+    // after the others; see multiplex_requests_overlap for the half period.
     let spread = arrivals[3] - arrivals[0];
     assert!(
-        spread < Duration::from_millis(500),
+        spread < Duration::from_millis(250),
         "responses spread over {spread:?}"
     );
+}
+
+#[test]
+fn a_duplicate_in_flight_id_is_refused_and_the_first_is_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--concurrency", "4"], dir.path());
+    worker.send(&request(5, &["--work-ms", "1000", "first.txt"]));
+    worker.send(&request(5, &["second.txt"]));
+    // The refusal comes at once, while the first still works its second.
+    let refused = worker.recv();
+    assert_eq!(
+        (refused.request_id, refused.exit_code),
+        (5, 1),
+        "{}",
+        refused.output
+    );
+    assert!(
+        refused.output.contains("already in flight"),
+        "{}",
+        refused.output
+    );
+    let first = worker.recv();
+    assert_eq!(
+        (first.request_id, first.exit_code),
+        (5, 0),
+        "{}",
+        first.output
+    );
+    assert!(first.output.contains("first.txt"), "{}", first.output);
+    assert!(!first.was_cancelled);
+    assert_eq!(
+        fs::read_to_string(dir.path().join("first.txt")).unwrap(),
+        "first.txt\n"
+    );
+    assert!(!dir.path().join("second.txt").exists());
+    // Once answered, the id is free again.
+    worker.send(&request(5, &["third.txt"]));
+    assert_eq!(worker.recv().exit_code, 0);
+    let (status, rest, _) = worker.finish();
+    assert!(status.success());
+    assert!(rest.is_empty(), "extra responses: {rest:?}");
 }
 
 #[test]
@@ -272,14 +328,63 @@ fn sandbox_dir_applies_to_outputs_argfiles_and_paths_inside_argfiles() {
     );
     assert!(!dir.path().join("out").exists());
 
-    for bad in ["../escape", "/tmp", "__sandbox/../../x"] {
+    // Each case names the rule that refuses it. `__sandbox/..` and the
+    // absolute path of the sandbox exist and lie inside the worker's
+    // directory, so only their own rule stands between them and success.
+    let absolute = sandbox.canonicalize().unwrap().display().to_string();
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("away")).unwrap();
+    for (bad, rule) in [
+        ("../escape", "must not contain '..'"),
+        ("__sandbox/..", "must not contain '..'"),
+        ("__sandbox/1/root/../..", "must not contain '..'"),
+        (absolute.as_str(), "must be relative"),
+        ("/tmp", "must be relative"),
+        ("away", "outside the worker's directory"),
+        ("__sandbox/9/root", "No such file"),
+    ] {
         let mut req = request(2, &["x"]);
         req.sandbox_dir = bad.into();
         worker.send(&req);
         let r = worker.recv();
         assert_eq!((r.request_id, r.exit_code), (2, 1), "{bad}: {}", r.output);
-        assert!(r.output.contains("sandbox_dir"), "{}", r.output);
+        assert!(
+            r.output.contains("sandbox_dir") && r.output.contains(rule),
+            "{bad}: {}",
+            r.output
+        );
     }
+    assert!(!outside.path().join("x").exists());
+    assert!(!dir.path().join("x").exists());
+}
+
+#[test]
+fn a_sandbox_swapped_for_a_symlink_is_refused_at_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let sandbox = dir.path().join("__sandbox/1");
+    fs::create_dir_all(&sandbox).unwrap();
+    let mut worker = Worker::start(&[], dir.path());
+    let mut req = request(1, &["first.txt"]);
+    req.sandbox_dir = "__sandbox/1".into();
+    worker.send(&req);
+    assert_eq!(worker.recv().exit_code, 0);
+    assert!(sandbox.join("first.txt").exists());
+    // The sandbox becomes a link out of the worker's directory between two
+    // requests; the check runs for every request, so the second is refused.
+    fs::remove_dir_all(&sandbox).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &sandbox).unwrap();
+    let mut req = request(2, &["second.txt"]);
+    req.sandbox_dir = "__sandbox/1".into();
+    worker.send(&req);
+    let r = worker.recv();
+    assert_eq!(r.exit_code, 1, "{}", r.output);
+    assert!(
+        r.output.contains("outside the worker's directory"),
+        "{}",
+        r.output
+    );
+    assert!(!outside.path().join("second.txt").exists());
 }
 
 #[test]

@@ -129,7 +129,7 @@ async fn tonic_execute_with_buck2_style_connect_retries() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().to_path_buf();
-        std::fs::write(dir.join("args"), "tonic.txt\n").unwrap();
+        std::fs::write(dir.join("args"), "--print-env\nCACHE_SILO_KEY\ntonic.txt\n").unwrap();
         // The client starts dialing before the worker exists, as Buck2 does,
         // and the worker starts only once a first attempt has failed.
         let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel();
@@ -147,7 +147,7 @@ async fn tonic_execute_with_buck2_style_connect_retries() {
         let mut request = command(&["@args"]);
         request.env.push(EnvironmentEntry {
             key: b"CACHE_SILO_KEY".to_vec(),
-            value: b"1".to_vec(),
+            value: b"silo-42".to_vec(),
         });
         // Buck2 retries Execute on UNAVAILABLE.
         let mut response = None;
@@ -177,6 +177,14 @@ async fn tonic_execute_with_buck2_style_connect_retries() {
             response.stderr
         );
         assert!(response.stderr.contains("demo: wrote tonic.txt"));
+        // The env entry went through tonic's encoding and reached the tool.
+        assert!(
+            response
+                .stderr
+                .contains("demo: env CACHE_SILO_KEY=silo-42\n"),
+            "{}",
+            response.stderr
+        );
         assert_eq!(response.timed_out_after_s, None);
         assert_eq!(
             std::fs::read_to_string(dir.join("tonic.txt")).unwrap(),

@@ -320,17 +320,60 @@ fn remote_json_writes_every_field() {
     assert!(sent.ends_with("}\n"), "{sent}");
 }
 
+/// The `--json-out` file of a bench run, parsed. Removed afterwards so that a
+/// later run that writes nothing cannot pass on this run's file.
+struct BenchJson {
+    text: String,
+    parsed: protobuf::well_known_types::struct_::Struct,
+}
+
+impl BenchJson {
+    fn take(path: &Path) -> BenchJson {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("the bench wrote no {}: {e}", path.display()));
+        std::fs::remove_file(path).unwrap();
+        let parsed =
+            protobuf_json_mapping::parse_from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        BenchJson { text, parsed }
+    }
+
+    fn kind(&self, key: &str) -> &protobuf::well_known_types::struct_::value::Kind {
+        self.parsed
+            .fields
+            .get(key)
+            .and_then(|v| v.kind.as_ref())
+            .unwrap_or_else(|| panic!("{key} missing in {}", self.text))
+    }
+
+    fn number(&self, key: &str) -> f64 {
+        match self.kind(key) {
+            protobuf::well_known_types::struct_::value::Kind::NumberValue(n) => *n,
+            other => panic!("{key}: {other:?} in {}", self.text),
+        }
+    }
+
+    fn string(&self, key: &str) -> &str {
+        match self.kind(key) {
+            protobuf::well_known_types::struct_::value::Kind::StringValue(s) => s,
+            other => panic!("{key}: {other:?} in {}", self.text),
+        }
+    }
+}
+
 #[test]
 fn bench_prints_a_table_and_writes_json() {
     let d = dir();
-    for (mode, extra) in [
-        ("bazel", &["--request", "b-{n}.txt"][..]),
+    let json_path = d.path().join("bench.json");
+    for (extra, concurrency, protocol) in [
+        (&["--request", "b-{n}.txt"][..], 1.0, "proto"),
         (
-            "bazel",
             &["--concurrency", "4", "--request", "b-{n}.txt"][..],
+            4.0,
+            "proto multiplex",
         ),
     ] {
-        let mut args = vec![mode, "--requests", "200", "--json-out", "bench.json"];
+        assert!(!json_path.exists());
+        let mut args = vec!["bazel", "--requests", "200", "--json-out", "bench.json"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--", WORKER]);
         let r = client(&args, d.path());
@@ -339,16 +382,17 @@ fn bench_prints_a_table_and_writes_json() {
         for column in ["start-up ms", "requests/s", "p50 ms", "p90 ms", "p99 ms"] {
             assert!(header.contains(column), "{header}");
         }
-        let json = read(d.path(), "bench.json");
-        let parsed: protobuf::well_known_types::struct_::Struct =
-            protobuf_json_mapping::parse_from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
-        let number = |key: &str| match parsed.fields.get(key).and_then(|v| v.kind.as_ref()) {
-            Some(protobuf::well_known_types::struct_::value::Kind::NumberValue(n)) => *n,
-            other => panic!("{key}: {other:?} in {json}"),
-        };
-        assert_eq!(number("requests"), 200.0);
-        assert!(number("throughput_per_s") > 0.0);
-        assert!(parsed.fields.contains_key("latency_ms"), "{json}");
+        let json = BenchJson::take(&json_path);
+        assert_eq!(json.string("mode"), "bazel", "{}", json.text);
+        assert_eq!(json.string("protocol"), protocol, "{}", json.text);
+        assert_eq!(json.number("concurrency"), concurrency, "{}", json.text);
+        assert_eq!(json.number("requests"), 200.0);
+        assert!(json.number("throughput_per_s") > 0.0);
+        assert!(
+            json.parsed.fields.contains_key("latency_ms"),
+            "{}",
+            json.text
+        );
     }
     std::fs::write(d.path().join("args"), "r.txt\n").unwrap();
     let r = client(
@@ -604,8 +648,13 @@ fn buck2_worker_that_exits_early_or_never_listens() {
 #[test]
 fn buck2_bench() {
     let d = dir();
-    for stream in [false, true] {
-        let mut args = vec!["buck2", "--requests", "100", "--concurrency", "2"];
+    let json_path = d.path().join("b.json");
+    for (stream, requests, protocol) in [
+        (false, "100", "grpc Execute"),
+        (true, "60", "grpc ExecuteStream"),
+    ] {
+        assert!(!json_path.exists());
+        let mut args = vec!["buck2", "--requests", requests, "--concurrency", "2"];
         if stream {
             args.push("--stream");
         }
@@ -621,8 +670,15 @@ fn buck2_bench() {
         assert_eq!(r.code, Some(0));
         assert!(r.stdout.contains("buck2"), "{}", r.stdout);
         assert!(r.stdout.contains("p99 ms"), "{}", r.stdout);
-        let json = read(d.path(), "b.json");
-        assert!(json.contains("\"mode\": \"buck2\""), "{json}");
-        assert!(json.contains("\"requests\": 100"), "{json}");
+        let json = BenchJson::take(&json_path);
+        assert_eq!(json.string("mode"), "buck2", "{}", json.text);
+        assert_eq!(json.string("protocol"), protocol, "{}", json.text);
+        assert_eq!(json.number("concurrency"), 2.0, "{}", json.text);
+        assert_eq!(
+            json.number("requests"),
+            requests.parse::<f64>().unwrap(),
+            "{}",
+            json.text
+        );
     }
 }

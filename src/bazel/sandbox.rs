@@ -1,6 +1,22 @@
 //! Validates a request's `sandbox_dir`: Bazel's multiplex sandboxing puts each
 //! request's files under a relative directory of the worker's cwd, and a
 //! worker must not be talked into reading or writing outside that cwd.
+//!
+//! What is guaranteed: when a request arrives, its `sandbox_dir` is refused
+//! unless it is relative, has no `..`, exists, and, with every symlink
+//! resolved, lies inside the worker's directory. The request then works in
+//! that resolved, symlink-free path. Every request is checked afresh; nothing
+//! is cached.
+//!
+//! What is not: the check and the tool's later file operations are separate
+//! system calls. Someone who can write in the worker's directory can replace
+//! a directory on the resolved path with a symlink after the check, and the
+//! tool's writes follow it. Closing that gap would need every file operation
+//! of every tool to go through `openat2(RESOLVE_BENEATH)`, which a worker
+//! cannot impose on the tool it hosts. Whoever can do that swap can already
+//! write to the build's files, so no one gains access they did not have.
+//! Paths in the arguments themselves are the tool's business, as they are
+//! for a compiler run by hand: the demo writes where it is told.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -57,6 +73,87 @@ mod tests {
             d.path().canonicalize().unwrap().join("__sandbox/3/root")
         );
         assert_eq!(resolve(d.path(), "").unwrap(), d.path());
+    }
+
+    /// A root with `sub/inner` inside it and a directory outside it.
+    fn layout() -> (tempfile::TempDir, tempfile::TempDir) {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("sub/inner")).unwrap();
+        (root, outside)
+    }
+
+    fn refused(root: &Path, sandbox_dir: &str) -> String {
+        match resolve(root, sandbox_dir) {
+            Ok(dir) => panic!("{sandbox_dir:?} was accepted as {}", dir.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn rejects_parent_components_even_when_they_stay_inside() {
+        let (root, _outside) = layout();
+        // These exist and resolve inside the root, so only the `..` rule
+        // refuses them; `sub/../..` exists too and leaves the root.
+        for bad in ["sub/..", "sub/../sub/inner", "sub/inner/..", "sub/../.."] {
+            let e = refused(root.path(), bad);
+            assert!(e.contains("must not contain '..'"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_absolute_paths_even_inside_the_root() {
+        let (root, _outside) = layout();
+        let inside = root.path().join("sub").canonicalize().unwrap();
+        for bad in [inside.to_str().unwrap(), "/"] {
+            let e = refused(root.path(), bad);
+            assert!(e.contains("must be relative"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_symlinks_out_of_the_root() {
+        let (root, outside) = layout();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("sub/deep")).unwrap();
+        // A link inside the root to a place inside the root is fine.
+        std::os::unix::fs::symlink("sub/inner", root.path().join("near")).unwrap();
+        for bad in ["link", "sub/deep"] {
+            let e = refused(root.path(), bad);
+            assert!(e.contains("outside the worker's directory"), "{bad}: {e}");
+        }
+        assert_eq!(
+            resolve(root.path(), "near").unwrap(),
+            root.path().canonicalize().unwrap().join("sub/inner")
+        );
+    }
+
+    #[test]
+    fn rejects_a_sandbox_that_does_not_exist() {
+        let (root, _outside) = layout();
+        let e = refused(root.path(), "sub/missing");
+        assert!(
+            e.contains("sandbox_dir 'sub/missing'") && e.contains("No such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_symlink_swapped_in_after_the_check_is_caught_by_the_next_check_only() {
+        let (root, outside) = layout();
+        let checked = resolve(root.path(), "sub/inner").unwrap();
+        std::fs::remove_dir(root.path().join("sub/inner")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("sub/inner")).unwrap();
+        // Not guaranteed: the path handed out before the swap now leads
+        // outside, and a tool writing there follows the link.
+        assert_eq!(
+            checked.canonicalize().unwrap(),
+            outside.path().canonicalize().unwrap()
+        );
+        // Guaranteed: the next request with the same sandbox_dir is checked
+        // again and refused.
+        let e = refused(root.path(), "sub/inner");
+        assert!(e.contains("outside the worker's directory"), "{e}");
     }
 
     #[test]

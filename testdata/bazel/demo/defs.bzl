@@ -16,6 +16,9 @@ def _demo_impl(ctx):
     requirements = {"supports-workers": "1"}
     if ctx.attr.multiplex:
         requirements["supports-multiplex-workers"] = "1"
+    if ctx.attr.json:
+        # Bazel 4 and later; the worker is told by its --worker-protocol flag.
+        requirements["requires-worker-protocol"] = "json"
 
     ctx.actions.run(
         executable = ctx.executable.worker,
@@ -46,6 +49,9 @@ demo = rule(
         ),
         "mnemonic": attr.string(default = "DemoWorker"),
         "multiplex": attr.bool(default = False),
+        # Talk JSON instead of length-prefixed protobuf (needs Bazel 4 with
+        # --experimental_worker_allow_json_protocol).
+        "json": attr.bool(default = False),
         # More than zero gives the request more than one OUTFILE argument,
         # which the worker rejects with a usage error.
         "extra_outputs": attr.int(default = 0),
