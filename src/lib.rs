@@ -16,6 +16,8 @@
 //!   token, and the [`request::Handler`] trait a tool implements.
 //! - [`argfile`]: `@file` / `--flagfile=file` expansion.
 //! - [`demo`]: the demo tool, one `Handler`.
+//! - [`bridge`]: a `Handler` that forwards requests to Bazel-protocol
+//!   worker child processes (`--bridge`).
 //! - [`process`]: process-wide set-up (identity line, stdout protection).
 //! - [`proto`]: messages generated from `protos/`.
 //!
@@ -25,6 +27,7 @@
 
 pub mod argfile;
 pub mod bazel;
+pub mod bridge;
 pub mod buck2;
 pub mod cli;
 pub mod demo;
