@@ -32,6 +32,11 @@ bench buck2 -- "$worker"
 bench buck2 --concurrency 4 -- "$worker" --concurrency 4
 bench buck2 --concurrency 16 -- "$worker" --concurrency 16
 bench buck2 --stream --concurrency 16 -- "$worker" --concurrency 16
+# The bridge in front of the same worker run as a Bazel-protocol child
+# (compare with the direct buck2 rows above: the difference is the bridge).
+echo "bridge: buck2 Execute -> persistent-worker --bridge -> persistent-worker --persistent_worker"
+bench buck2 -- "$worker" --concurrency 1 --bridge -- "$worker"
+bench buck2 --concurrency 4 -- "$worker" --concurrency 4 --bridge -- "$worker"
 
 echo
 echo "one-shot, the same request as a process start each (200 runs):"

@@ -4,6 +4,9 @@
 #   1. no-workers:               locally, one-shot   (stderr has ONE-SHOT START)
 #   2. local-persistent-workers: through one Buck2 persistent worker process
 #                                (stderr starts with "Buck2 persistent worker")
+#   5. local-bridge:             through `persistent-worker --bridge` in front of
+#                                the Node @bazel/worker program in testdata/
+#                                (or `persistent-worker` itself without npm)
 # from `buck2 log what-ran`, from the build's own stderr and from the outputs.
 # Any mismatch fails the script with the evidence printed.
 #
@@ -127,7 +130,7 @@ if mode == "one-shot":
             fail("%s stderr lacks ONE-SHOT START: %r" % (name, stderr[:300]))
         if "persistent worker" in stderr:
             fail("%s went through a worker: %r" % (name, stderr[:300]))
-elif mode == "worker":
+elif mode in ("worker", "bridge"):
     served = {}
     pids = set()
     for name, executor, stderr in entries:
@@ -156,6 +159,12 @@ elif mode == "worker":
         fail("expected one worker process to serve all demo actions, saw pids %s" % sorted(pids))
 else:
     fail("unknown mode %r" % mode)
+if mode == "bridge":
+    # What the child behind the bridge writes for each request.
+    expect = os.environ["BRIDGE_EXPECT"]
+    for name, executor, stderr in entries:
+        if executor == "Worker" and expect not in stderr:
+            fail("%s: no %r from the bridge's child in %r" % (name, expect, stderr[:300]))
 
 # The build's stderr (-v stderr shows every action's stderr).
 with open(stderr_path, encoding="utf-8", errors="replace") as f:
@@ -165,7 +174,7 @@ buck2_worker = build_stderr.count("Buck2 persistent worker ")
 if mode == "one-shot" and (one_shot < 4 or buck2_worker):
     fail("build stderr: %d x ONE-SHOT START, %d x Buck2 persistent worker; expected >= 4 and 0"
          % (one_shot, buck2_worker))
-if mode == "worker" and (buck2_worker < 4 or one_shot):
+if mode in ("worker", "bridge") and (buck2_worker < 4 or one_shot):
     fail("build stderr: %d x Buck2 persistent worker, %d x ONE-SHOT START; expected >= 4 and 0"
          % (buck2_worker, one_shot))
 
@@ -200,9 +209,10 @@ if errors:
 print("OK (%s): 4 demo actions, outputs correct" % mode)
 PY
 
-# scenario CONFIG MODE
+# scenario CONFIG MODE [BUCK2 BUILD OPTIONS...]
 scenario() {
   local config=$1 mode=$2
+  shift 2
   local logs="$work/$config"
   mkdir -p "$logs"
   echo >&2
@@ -211,7 +221,7 @@ scenario() {
     cd "$project"
     printf '<file:.buckconfig.%s>\n' "$config" >.buckconfig.local
     buck2 clean >/dev/null 2>&1 || true
-    if ! buck2 build : -v stderr --show-full-output \
+    if ! buck2 build : -v stderr --show-full-output "$@" \
       >"$logs/build.stdout" 2>"$logs/build.stderr"; then
       echo "FAIL: buck2 build failed in scenario $config; its stderr:" >&2
       cat "$logs/build.stderr" >&2
@@ -233,5 +243,18 @@ scenario() {
 scenario no-workers one-shot
 scenario local-persistent-workers worker
 
+# The project is a copy: point the bridge at the checkout's Node worker.
+node_worker="$repo/testdata/node_worker"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 &&
+  { [[ -d "$node_worker/node_modules/@bazel/worker" ]] ||
+    (cd "$node_worker" && npm ci --no-audit --no-fund >&2); }; then
+  export BRIDGE_EXPECT="node worker (pid"
+  scenario local-bridge bridge -c "persistent_worker.bridge=node $node_worker/worker.js"
+else
+  echo "NOTE: no node/npm: scenario local-bridge runs persistent-worker behind the bridge" >&2
+  export BRIDGE_EXPECT="demo: wrote"
+  scenario local-bridge bridge -c "persistent_worker.bridge=persistent-worker --work-ms 1000"
+fi
+
 echo >&2
-echo "PASS: examples/buck2 ran one-shot without workers and through the Buck2 persistent worker with them" >&2
+echo "PASS: examples/buck2 ran one-shot without workers, through the Buck2 persistent worker with them, and through the bridge" >&2

@@ -17,6 +17,9 @@ pub const USAGE: &str = "\
 usage: persistent-worker [OPTIONS] --persistent_worker    Bazel-protocol worker on stdin/stdout
        WORKER_SOCKET=PATH persistent-worker [OPTIONS]     Buck2 worker (gRPC on a Unix socket)
        persistent-worker [OPTIONS] ARGS...                run one request and exit (one-shot)
+       persistent-worker --bridge [OPTIONS] -- CMD ARGS...
+                       any of the above, each request forwarded to the Bazel-protocol
+                       worker `CMD ARGS... --persistent_worker` (a child process)
 
 Arguments may come from files: @FILE, --flagfile=FILE, -flagfile=FILE.
 
@@ -30,6 +33,13 @@ options:
   --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
                              after SIGTERM/SIGINT (default 2000)
   --verbose                  log each request's start and end on stderr
+bridge options:
+  --bridge                   serve requests with child workers `CMD ARGS...`
+  --multiplex                one multiplex child instead of up to --concurrency
+                             singleplex children
+  --child-protocol FORMAT    framing spoken to the children: proto (default) or json
+  --cancel-grace-ms N        how long a cancelled or timed-out request's child may
+                             still answer before it is killed or abandoned (default 100)
   -h, --help                 print this help
   -V, --version              print the version
 ";
@@ -57,6 +67,17 @@ pub struct Options {
     pub verbose: bool,
     /// One-shot only: the request's arguments, already expanded.
     pub request_args: Vec<String>,
+    /// `--bridge ... -- CMD ARGS...`: forward requests to child workers.
+    pub bridge: Option<BridgeOptions>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeOptions {
+    /// `CMD ARGS...`, without the `--persistent_worker` added at spawn.
+    pub command: Vec<String>,
+    pub multiplex: bool,
+    pub child_protocol: WireFormat,
+    pub cancel_grace: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -85,7 +106,8 @@ pub fn parse(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let args = argfile::expand(&args, cwd).map_err(|e| e.to_string())?;
+    let mut args = argfile::expand(&args, cwd).map_err(|e| e.to_string())?;
+    let child_command = split_bridge_command(&mut args);
     let mode = match worker_socket.filter(|s| !s.is_empty()) {
         Some(socket) => Mode::Buck2 {
             socket: PathBuf::from(socket),
@@ -103,7 +125,15 @@ pub fn parse(
         shutdown_grace: Duration::from_millis(2000),
         verbose: false,
         request_args: Vec::new(),
+        bridge: None,
     };
+    let mut bridge = BridgeOptions {
+        command: Vec::new(),
+        multiplex: false,
+        child_protocol: WireFormat::Proto,
+        cancel_grace: Duration::from_millis(100),
+    };
+    let (mut bridge_flag, mut bridge_only) = (false, None);
     let one_shot = options.mode == Mode::OneShot;
 
     use lexopt::prelude::*;
@@ -132,6 +162,20 @@ pub fn parse(
                     Duration::from_millis(number(&mut parser, "--shutdown-grace-ms")?)
             }
             Long("verbose") => options.verbose = true,
+            Long("bridge") => bridge_flag = true,
+            Long("multiplex") => {
+                bridge.multiplex = true;
+                bridge_only = Some("--multiplex");
+            }
+            Long("child-protocol") => {
+                bridge.child_protocol = text(&mut parser)?.parse()?;
+                bridge_only = Some("--child-protocol");
+            }
+            Long("cancel-grace-ms") => {
+                bridge.cancel_grace =
+                    Duration::from_millis(number(&mut parser, "--cancel-grace-ms")?);
+                bridge_only = Some("--cancel-grace-ms");
+            }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             // Anything else belongs to the one-shot request; a worker takes
@@ -150,7 +194,37 @@ pub fn parse(
     }
     // The request is expanded again when it runs; keep literal `@x` literal.
     options.request_args = argfile::escape(options.request_args);
+    match (bridge_flag, child_command) {
+        (true, Some(command)) if !command.is_empty() => {
+            bridge.command = command;
+            options.bridge = Some(bridge);
+        }
+        (true, _) => return Err("--bridge needs the child's command after `--`".to_owned()),
+        (false, _) => {
+            if let Some(flag) = bridge_only {
+                return Err(format!("{flag} is a bridge option and needs --bridge"));
+            }
+        }
+    }
     Ok(Command::Run(options))
+}
+
+/// With `--bridge`, everything after the first `--` is the child's command:
+/// cut it off `args`. Bazel and remote executors append `--persistent_worker`
+/// after all of it; that flag is the bridge's (the child gets its own), so it
+/// moves back to the bridge's options.
+fn split_bridge_command(args: &mut Vec<String>) -> Option<Vec<String>> {
+    let split = args.iter().position(|a| a == "--")?;
+    if !args[..split].iter().any(|a| a == "--bridge") {
+        return None;
+    }
+    let mut command = args.split_off(split + 1);
+    args.pop();
+    if command.last().is_some_and(|a| a == "--persistent_worker") {
+        command.pop();
+        args.push("--persistent_worker".to_owned());
+    }
+    Some(command)
 }
 
 /// An argument as UTF-8, or a message naming it. (Shared with worker-client.)
@@ -308,6 +382,41 @@ mod tests {
             o.request_args,
             ["--panic", "--print-stdout=hi", "out", "@@lit"]
         );
+    }
+
+    #[test]
+    fn bridge_takes_the_command_after_the_double_dash() {
+        let o = options(
+            &[
+                "--bridge",
+                "--multiplex",
+                "--child-protocol",
+                "json",
+                "--cancel-grace-ms",
+                "50",
+                "--",
+                "node",
+                "w.js",
+                "--persistent_worker",
+            ],
+            None,
+        );
+        assert_eq!(o.mode, Mode::Bazel);
+        let bridge = o.bridge.expect("bridge options");
+        assert_eq!(bridge.command, ["node", "w.js"]);
+        assert!(bridge.multiplex);
+        assert_eq!(bridge.child_protocol, WireFormat::Json);
+        assert_eq!(bridge.cancel_grace, Duration::from_millis(50));
+        let o = options(&["--bridge", "--", "w", "--flag"], Some("/tmp/s"));
+        assert_eq!(o.bridge.unwrap().command, ["w", "--flag"]);
+        assert!(run(&["--bridge", "--persistent_worker"], None, Path::new(".")).is_err());
+        assert!(run(
+            &["--multiplex", "--persistent_worker"],
+            None,
+            Path::new(".")
+        )
+        .is_err());
+        assert_eq!(options(&["--", "x"], None).request_args, ["x"]);
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`argfile`]: `@file` / `--flagfile=file` expansion.
 //! - [`quote`]: client text in error messages, shortened.
 //! - [`demo`]: the demo tool, one `Handler`.
+//! - [`bridge`]: a `Handler` that forwards requests to Bazel-protocol
+//!   worker child processes (`--bridge`).
 //! - [`process`]: process-wide set-up (identity line, stdout protection).
 //! - [`proto`]: messages generated from `protos/`.
 //!
@@ -26,6 +28,7 @@
 
 pub mod argfile;
 pub mod bazel;
+pub mod bridge;
 #[cfg(feature = "grpc")]
 pub mod buck2;
 /// Built without gRPC (the fuzz targets): Buck2's message conversion only.

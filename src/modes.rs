@@ -92,10 +92,20 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
     };
     let stdin = BufReader::new(std::io::stdin().lock());
     let pool = Pool::new(options.concurrency);
-    match worker::serve(handler, pool, &config, stdin, Box::new(protocol_out)) {
-        Ok(()) => 0,
+    match worker::serve(
+        Arc::clone(&handler),
+        pool,
+        &config,
+        stdin,
+        Box::new(protocol_out),
+    ) {
+        Ok(()) => {
+            handler.shutdown();
+            0
+        }
         Err(e) => {
             eprintln!("persistent-worker: protocol error, exiting: {e}");
+            handler.shutdown();
             // Exit now: requests still running must not keep a broken
             // client waiting, and their output is already shut off.
             std::process::exit(1);

@@ -21,6 +21,7 @@ pub fn run(handler: &dyn Handler, args: Vec<String>, workdir: PathBuf) -> i32 {
     let _ = err.flush();
     drop(err);
     let response = crate::pool::run(handler, Request::new(args, workdir));
+    handler.shutdown();
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "ONE-SHOT END");
     let _ = write!(err, "{}", response.output);

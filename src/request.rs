@@ -100,6 +100,11 @@ impl Response {
 /// through [`CancelToken::sleep`]) during long work.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: &Request) -> Response;
+
+    /// Called once by the front end when the worker stops, after running
+    /// requests had their grace period: release what outlives a request
+    /// (the bridge's child processes). Bounded; the default does nothing.
+    fn shutdown(&self) {}
 }
 
 impl<F> Handler for F

@@ -17,6 +17,20 @@ def _worker_impl(ctx: AnalysisContext) -> list[Provider]:
         "--concurrency",
         str(ctx.attrs.concurrency),
     )
+
+    # Scenario 5: the local worker is the bridge in front of a Bazel-protocol
+    # worker, which it starts as `<bridge command> --persistent_worker`. The
+    # one-shot form stays the tool's own: it does the same work.
+    worker_command = command
+    if ctx.attrs.bridge:
+        worker_command = cmd_args(
+            ctx.attrs.binary,
+            "--concurrency",
+            str(ctx.attrs.concurrency),
+            "--bridge",
+            "--",
+            ctx.attrs.bridge,
+        )
     return [
         DefaultInfo(),
         # The one-shot form, used when the execution platform has workers off.
@@ -26,7 +40,7 @@ def _worker_impl(ctx: AnalysisContext) -> list[Provider]:
         # once; with the Bazel remote protocol flag, a remote executor may keep
         # it across actions too.
         WorkerInfo(
-            exe = command,
+            exe = worker_command,
             concurrency = ctx.attrs.concurrency,
             supports_bazel_remote_persistent_worker_protocol = True,
         ),
@@ -37,6 +51,9 @@ worker_rule = rule(
     attrs = {
         # The tool: a bare name is looked up on PATH, or give a path.
         "binary": attrs.string(),
+        # A Bazel-protocol worker's command to run behind `--bridge`; empty:
+        # the tool itself is the worker.
+        "bridge": attrs.list(attrs.string(), default = []),
         "concurrency": attrs.int(default = 4),
         "work_ms": attrs.int(default = 1000),
     },
@@ -83,6 +100,7 @@ def worker(name, **kwargs):
         binary = read_root_config("persistent_worker", "binary", "persistent-worker"),
         work_ms = int(read_root_config("persistent_worker", "work_ms", "1000")),
         concurrency = int(read_root_config("persistent_worker", "concurrency", "4")),
+        bridge = read_root_config("persistent_worker", "bridge", "").split(),
         **kwargs
     )
 

@@ -74,6 +74,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     // One completion queue is plenty: its thread only moves messages.
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
     let tracker = Arc::new(Tracker::default());
+    let tool = Arc::clone(&handler);
     let shared = Arc::new(calls::Shared {
         handler,
         pool: Pool::new(settings.concurrency),
@@ -133,6 +134,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
                 parent.pid()
             );
             bound.remove();
+            tool.shutdown();
             std::process::exit(0);
         }
         let name = lifecycle::signal_name(signal);
@@ -171,6 +173,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         // transport, not once they are written, and says nothing when they
         // are: a short linger lets the final answers reach the socket.
         std::thread::sleep(lifecycle::LINGER);
+        tool.shutdown();
         eprintln!("persistent-worker: stopped");
         drop(address);
         std::process::exit(0);

@@ -1,0 +1,794 @@
+//! The bridge end to end: `persistent-worker --bridge -- CMD...` as a real
+//! process in front of real child workers (the crate's own binary, scripted
+//! faulty workers, a Node program on npm's `@bazel/worker`), driven through
+//! the Buck2 front end by a grpcio client and `worker-client`, and through the
+//! Bazel front end.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use grpcio::{CallOption, Environment, WriteFlags};
+use persistent_worker::bazel::WireFormat;
+use persistent_worker::buck2::lifecycle::block_on_until;
+use persistent_worker::buck2::service::{self, Connection, EXECUTE, EXECUTE_STREAM};
+use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream, ExecuteResponse};
+use persistent_worker::proto::worker_protocol::WorkRequest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
+const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
+
+fn testdata(name: &str) -> String {
+    format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a test body on its own thread and fails it after `limit`.
+fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = channel();
+    let runner = thread::spawn(move || {
+        let _ = tx.send(body());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => value,
+        Err(RecvTimeoutError::Disconnected) => match runner.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the body sends before it returns"),
+        },
+        Err(RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+fn wait<F: std::future::Future + Unpin>(mut future: F, limit: Duration) -> F::Output {
+    block_on_until(&mut future, Instant::now() + limit)
+        .unwrap_or_else(|| panic!("call did not complete within {limit:?}"))
+}
+
+fn env() -> Arc<Environment> {
+    Arc::new(Environment::new(1))
+}
+
+fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Processes (other than `except`) whose working directory is `dir`: each
+/// test runs its bridge in a fresh directory, and children inherit it, so
+/// this finds the children even after the bridge is gone.
+fn processes_in(dir: &Path, except: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid != except && std::fs::read_link(entry.path().join("cwd")).is_ok_and(|c| c == dir) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no process but `except` runs in `dir`.
+fn expect_no_processes_in(dir: &Path, except: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = processes_in(dir, except);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes still running in {}: {left:?}",
+            dir.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie has no cwd link; a reaped process has no directory.
+    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok()
+}
+
+/// A bridge serving Buck2 on a socket, its stderr read line by line.
+struct Bridge {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    lines: Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Bridge {
+    /// `args` are the bridge's options; `command` the child's.
+    fn start(dir: &Path, args: &[&str], command: &[&str]) -> Bridge {
+        let socket = dir.join("socket");
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--bridge")
+            .arg("--")
+            .args(command)
+            .env("WORKER_SOCKET", &socket)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the bridge");
+        let lines = read_lines(child.stderr.take().expect("piped stderr"));
+        let mut bridge = Bridge {
+            child,
+            dir: dir.to_path_buf(),
+            socket,
+            lines,
+            log: Vec::new(),
+        };
+        bridge.expect_line("listening on", Duration::from_secs(10));
+        bridge
+    }
+
+    fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no stderr line containing {needle:?} ({e:?}); stderr so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn connect(&self) -> Connection {
+        service::connect(env(), &self.socket).expect("connecting")
+    }
+
+    fn children(&self) -> Vec<u32> {
+        processes_in(&self.dir, self.child.id())
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: sends a signal to our own child process.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the bridge to exit, reading the rest of its stderr.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => self.log.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("bridge did not exit; stderr:\n{}", self.log.join("\n"))
+                }
+            }
+        }
+        let status = self.child.wait().expect("waiting for the bridge");
+        (status, std::mem::take(&mut self.log))
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(argv: &[&str]) -> ExecuteCommand {
+    let mut c = ExecuteCommand::new();
+    c.argv = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+    c
+}
+
+fn opt() -> CallOption {
+    CallOption::default().timeout(Duration::from_secs(30))
+}
+
+fn execute(conn: &Connection, c: &ExecuteCommand) -> ExecuteResponse {
+    conn.client()
+        .unary_call(&EXECUTE, c, opt())
+        .expect("Execute call")
+}
+
+/// Sends `requests` on one ExecuteStream call at once and returns the
+/// responses by id.
+fn execute_stream(conn: &Connection, requests: &[ExecuteCommand]) -> Vec<ExecuteResponse> {
+    let (mut tx, mut rx) = conn
+        .client()
+        .duplex_streaming(&EXECUTE_STREAM, opt())
+        .unwrap();
+    for (id, request) in requests.iter().enumerate() {
+        let mut m = ExecuteCommandStream::new();
+        m.id = id as u64;
+        m.request = protobuf::MessageField::some(request.clone());
+        wait(
+            Box::pin(tx.send((m, WriteFlags::default()))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    wait(Box::pin(tx.close()), Duration::from_secs(10)).unwrap();
+    let mut responses = vec![None; requests.len()];
+    while let Some(message) = wait(rx.next(), Duration::from_secs(30)) {
+        let message = message.unwrap();
+        responses[message.id as usize] = message.response.into_option();
+    }
+    responses
+        .into_iter()
+        .map(|r| r.expect("a response for every id"))
+        .collect()
+}
+
+fn tempdir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    (d, dir)
+}
+
+/// The demo tool's own binary as the child, in both framings.
+#[test]
+fn singleplex_children_of_either_protocol_write_files_and_relay_stderr() {
+    within(Duration::from_secs(60), || {
+        for protocol in ["proto", "json"] {
+            let (_d, dir) = tempdir();
+            std::fs::write(dir.join("args"), "--work-ms\n0\nsub/from-argfile\n").unwrap();
+            std::fs::create_dir(dir.join("sub")).unwrap();
+            let mut bridge = Bridge::start(
+                &dir,
+                &["--concurrency", "2", "--child-protocol", protocol],
+                &[BIN, "--worker-protocol", protocol],
+            );
+            let conn = bridge.connect();
+            let response = execute(&conn, &command(&["out.txt"]));
+            assert_eq!(response.exit_code, 0, "{protocol}: {}", response.stderr);
+            assert!(
+                response.stderr.contains("demo: wrote out.txt"),
+                "{protocol}: {}",
+                response.stderr
+            );
+            // Without --verbose the bridge adds nothing of its own.
+            assert!(!response.stderr.contains("bridge:"), "{}", response.stderr);
+            assert_eq!(
+                std::fs::read_to_string(dir.join("out.txt")).unwrap(),
+                "out.txt\n"
+            );
+            // The argfile is expanded by the bridge: the child sees its lines.
+            let response = execute(&conn, &command(&["@args"]));
+            assert_eq!(response.exit_code, 0, "{protocol}: {}", response.stderr);
+            assert_eq!(
+                std::fs::read_to_string(dir.join("sub/from-argfile")).unwrap(),
+                "from-argfile\n"
+            );
+            // A failing request is the child's answer, not a fault.
+            let response = execute(&conn, &command(&["a", "b"]));
+            assert_eq!(response.exit_code, 2, "{}", response.stderr);
+            assert!(response.stderr.contains("exactly one OUTFILE"));
+            let children = bridge.children();
+            assert_eq!(children.len(), 1, "one child served all: {children:?}");
+            // The child's stderr reaches the bridge's, prefixed by its pid.
+            bridge.expect_line(
+                &format!("[child {}] persistent-worker: Bazel worker", children[0]),
+                Duration::from_secs(10),
+            );
+        }
+    });
+}
+
+#[test]
+fn four_singleplex_children_serve_four_requests_at_once() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let marks = dir.join("marks");
+        std::fs::create_dir(&marks).unwrap();
+        let barrier = testdata("bridge/barrier.sh");
+        let bridge = Bridge::start(
+            &dir,
+            &["--concurrency", "4", "--child-protocol", "json"],
+            &["sh", &barrier, marks.to_str().unwrap(), "4"],
+        );
+        let requests: Vec<_> = (0..4).map(|i| command(&[&format!("r{i}")])).collect();
+        let responses = execute_stream(&bridge.connect(), &requests);
+        let mut spans = Vec::new();
+        let mut pids = Vec::new();
+        for response in &responses {
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            // "pid P start S end E arrived N"
+            let words: Vec<&str> = response.stderr.split_whitespace().collect();
+            let field = |name: &str| {
+                let at = words.iter().position(|w| *w == name).unwrap();
+                words[at + 1].parse::<u128>().unwrap()
+            };
+            pids.push(field("pid"));
+            spans.push((field("start"), field("end")));
+        }
+        pids.sort();
+        pids.dedup();
+        assert_eq!(pids.len(), 4, "four distinct children: {pids:?}");
+        // Every request started before any ended: all four ran at once.
+        let latest_start = spans.iter().map(|s| s.0).max().unwrap();
+        let earliest_end = spans.iter().map(|s| s.1).min().unwrap();
+        assert!(latest_start <= earliest_end, "{spans:?}");
+    });
+}
+
+#[test]
+fn a_multiplex_child_of_either_protocol_serves_every_request() {
+    within(Duration::from_secs(60), || {
+        for protocol in ["proto", "json"] {
+            let (_d, dir) = tempdir();
+            let mut bridge = Bridge::start(
+                &dir,
+                &[
+                    "--concurrency",
+                    "4",
+                    "--multiplex",
+                    "--verbose",
+                    "--child-protocol",
+                    protocol,
+                ],
+                &[BIN, "--verbose", "--worker-protocol", protocol],
+            );
+            let requests: Vec<_> = (0..4)
+                .map(|i| command(&["--work-ms", "100", &format!("m{i}")]))
+                .collect();
+            let responses = execute_stream(&bridge.connect(), &requests);
+            let children = bridge.children();
+            assert_eq!(children.len(), 1, "{children:?}");
+            for (i, response) in responses.iter().enumerate() {
+                assert_eq!(response.exit_code, 0, "{}", response.stderr);
+                assert!(
+                    response
+                        .stderr
+                        .contains(&format!("answered by child pid {}", children[0])),
+                    "{}",
+                    response.stderr
+                );
+                assert_eq!(
+                    std::fs::read_to_string(dir.join(format!("m{i}"))).unwrap(),
+                    format!("m{i}\n")
+                );
+            }
+            // Non-zero, distinct ids on the wire.
+            let mut ids = Vec::new();
+            for _ in 0..4 {
+                let line = bridge.expect_line("input(s), verbosity", Duration::from_secs(10));
+                bridge.log.retain(|l| l != &line);
+                let id: i32 = line
+                    .split("worker: request ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(':').next())
+                    .and_then(|id| id.parse().ok())
+                    .unwrap_or_else(|| panic!("{line}"));
+                ids.push(id);
+            }
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), 4, "{ids:?}");
+            assert!(ids.iter().all(|id| *id > 0), "{ids:?}");
+            // Buck2's env cannot travel; --verbose says so.
+            let mut c = command(&["e"]);
+            let mut entry =
+                persistent_worker::proto::worker::execute_command::EnvironmentEntry::new();
+            entry.key = b"K".to_vec();
+            entry.value = b"v".to_vec();
+            c.env.push(entry);
+            assert_eq!(execute(&bridge.connect(), &c).exit_code, 0);
+            bridge.expect_line(
+                "env entr(ies) of the request not forwarded",
+                Duration::from_secs(10),
+            );
+        }
+    });
+}
+
+#[test]
+fn a_dropped_call_cancels_in_a_multiplex_child() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let mut bridge = Bridge::start(
+            &dir,
+            &["--concurrency", "2", "--multiplex", "--verbose"],
+            &[BIN, "--verbose"],
+        );
+        let conn = bridge.connect();
+        let mut call = conn
+            .client()
+            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "never"]), opt())
+            .unwrap();
+        bridge.expect_line("Execute #0 started", Duration::from_secs(10));
+        bridge.expect_line("worker: request 1: ", Duration::from_secs(10));
+        call.cancel();
+        drop(call);
+        bridge.expect_line("worker: request 1 (cancel)", Duration::from_secs(10));
+        bridge.expect_line("Execute #0 finished", Duration::from_secs(10));
+        let pid = bridge.children();
+        // The child survives a cancel and serves the next request.
+        let response = execute(&conn, &command(&["after"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert_eq!(bridge.children(), pid);
+        assert!(!dir.join("never").exists());
+    });
+}
+
+#[test]
+fn a_cancelled_singleplex_child_is_killed_and_replaced() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let mut bridge = Bridge::start(
+            &dir,
+            &[
+                "--concurrency",
+                "1",
+                "--verbose",
+                "--cancel-grace-ms",
+                "100",
+            ],
+            &[BIN],
+        );
+        let conn = bridge.connect();
+        let mut call = conn
+            .client()
+            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "never"]), opt())
+            .unwrap();
+        bridge.expect_line("Execute #0 started", Duration::from_secs(10));
+        let started = bridge.expect_line("bridge: started child pid", Duration::from_secs(10));
+        let first: u32 = started
+            .split_whitespace()
+            .nth(4)
+            .and_then(|p| p.trim_end_matches(':').parse().ok())
+            .unwrap_or_else(|| panic!("{started}"));
+        call.cancel();
+        drop(call);
+        bridge.expect_line("Execute #0 finished", Duration::from_secs(10));
+        assert!(!pid_alive(first), "child {first} still runs");
+        let response = execute(&conn, &command(&["after"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        let children = bridge.children();
+        assert_eq!(children.len(), 1);
+        assert_ne!(children[0], first, "a new child");
+        assert!(!dir.join("never").exists());
+    });
+}
+
+#[test]
+fn a_timeout_kills_the_child_and_answers_timed_out() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let bridge = Bridge::start(&dir, &["--concurrency", "1"], &[BIN]);
+        let conn = bridge.connect();
+        assert_eq!(execute(&conn, &command(&["warm"])).exit_code, 0);
+        let first = bridge.children();
+        let mut c = command(&["--work-ms", "60000", "slow"]);
+        c.timeout_s = Some(1);
+        let response = execute(&conn, &c);
+        assert_eq!(response.timed_out_after_s, Some(1), "{}", response.stderr);
+        assert_ne!(response.exit_code, 0);
+        assert!(response.stderr.contains("killed"), "{}", response.stderr);
+        assert!(!pid_alive(first[0]));
+        let response = execute(&conn, &command(&["after"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert!(!dir.join("slow").exists());
+    });
+}
+
+#[test]
+fn faults_name_the_child_and_its_stderr_and_the_child_is_replaced() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let faulty = testdata("bridge/faulty.sh");
+        let starts = dir.join("starts");
+        let bridge = Bridge::start(
+            &dir,
+            &["--concurrency", "1", "--child-protocol", "json"],
+            &["sh", &faulty, starts.to_str().unwrap()],
+        );
+        let conn = bridge.connect();
+        let ok = execute(&conn, &command(&["fine"]));
+        assert_eq!(ok.exit_code, 0, "{}", ok.stderr);
+        for (request, says) in [
+            ("crash", "exited with status 3"),
+            ("garbage", "not a response"),
+            ("wrong-id", "answered request id 99, which it was not asked"),
+        ] {
+            let response = execute(&conn, &command(&[request]));
+            assert_ne!(response.exit_code, 0, "{request}: {}", response.stderr);
+            for needle in [says, faulty.as_str(), "faulty worker"] {
+                assert!(
+                    response.stderr.contains(needle),
+                    "{request}: no {needle:?} in {}",
+                    response.stderr
+                );
+            }
+            if request == "crash" {
+                assert!(response.stderr.contains("crashing on purpose"));
+            }
+            let after = execute(&conn, &command(&["fine"]));
+            assert_eq!(after.exit_code, 0, "after {request}: {}", after.stderr);
+        }
+        let started = std::fs::read_to_string(&starts).unwrap().lines().count();
+        assert_eq!(started, 4, "one child, then one per fault");
+    });
+}
+
+#[test]
+fn a_child_that_cannot_start_fails_fast_after_three_tries() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let starts = dir.join("starts");
+        let script = format!(
+            "echo start >> {}; echo 'broken worker: missing config' >&2; exit 7",
+            starts.display()
+        );
+        let bridge = Bridge::start(&dir, &["--concurrency", "1"], &["sh", "-c", &script]);
+        let conn = bridge.connect();
+        for _ in 0..3 {
+            let response = execute(&conn, &command(&["x"]));
+            assert_ne!(response.exit_code, 0);
+            assert!(
+                response.stderr.contains("exited with status 7")
+                    && response.stderr.contains("broken worker: missing config"),
+                "{}",
+                response.stderr
+            );
+        }
+        for _ in 0..3 {
+            let response = execute(&conn, &command(&["x"]));
+            assert_ne!(response.exit_code, 0);
+            assert!(
+                response.stderr.contains("failed to start 3 times in a row")
+                    && response.stderr.contains("missing config"),
+                "{}",
+                response.stderr
+            );
+        }
+        let started = std::fs::read_to_string(&starts).unwrap().lines().count();
+        assert_eq!(started, 3, "no child started after the third failure");
+
+        // A command that does not exist at all.
+        let (_d2, dir2) = tempdir();
+        let bridge = Bridge::start(&dir2, &[], &["/nonexistent/worker"]);
+        let response = execute(&bridge.connect(), &command(&["x"]));
+        assert_ne!(response.exit_code, 0);
+        assert!(
+            response
+                .stderr
+                .contains("cannot start child `/nonexistent/worker"),
+            "{}",
+            response.stderr
+        );
+    });
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_then_ends_the_children() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let mut bridge = Bridge::start(
+            &dir,
+            &[
+                "--concurrency",
+                "2",
+                "--verbose",
+                "--shutdown-grace-ms",
+                "10000",
+            ],
+            &[BIN],
+        );
+        let conn = bridge.connect();
+        let calls: Vec<_> = (0..2)
+            .map(|i| {
+                conn.client()
+                    .unary_call_async(
+                        &EXECUTE,
+                        &command(&["--work-ms", "700", &format!("t{i}")]),
+                        opt(),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        bridge.expect_line("Execute #0 started", Duration::from_secs(10));
+        bridge.expect_line("Execute #1 started", Duration::from_secs(10));
+        assert_eq!(bridge.children().len(), 2);
+        bridge.signal(libc::SIGTERM);
+        for call in calls {
+            let response = wait(call, Duration::from_secs(20)).unwrap();
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        }
+        let dir = bridge.dir.clone();
+        let (status, _log) = bridge.finish(Duration::from_secs(20));
+        assert!(status.success(), "{status:?}");
+        expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+        assert!(dir.join("t0").exists() && dir.join("t1").exists());
+    });
+}
+
+#[test]
+fn no_child_outlives_a_killed_bridge() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let mut bridge = Bridge::start(&dir, &["--concurrency", "2", "--verbose"], &[BIN]);
+        let conn = bridge.connect();
+        let _call = conn
+            .client()
+            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "x"]), opt())
+            .unwrap();
+        bridge.expect_line("bridge: started child pid", Duration::from_secs(10));
+        assert_eq!(bridge.children().len(), 1);
+        bridge.signal(libc::SIGKILL);
+        let dir = bridge.dir.clone();
+        let _ = bridge.finish(Duration::from_secs(10));
+        expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn bazel_front_end_serves_four_multiplex_requests_with_four_singleplex_children() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let marks = dir.join("marks");
+        std::fs::create_dir(&marks).unwrap();
+        let barrier = testdata("bridge/barrier.sh");
+        let mut bridge = Command::new(BIN)
+            .args([
+                "--concurrency",
+                "4",
+                "--bridge",
+                "--child-protocol",
+                "json",
+                "--",
+            ])
+            .args(["sh", &barrier, marks.to_str().unwrap(), "4"])
+            // As Bazel starts a worker: the flag last.
+            .arg("--persistent_worker")
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdin = bridge.stdin.take().unwrap();
+        for id in 1..=4 {
+            let mut request = WorkRequest::new();
+            request.arguments = vec![format!("r{id}")];
+            request.request_id = id;
+            stdin
+                .write_all(&WireFormat::Proto.encode_request(&request))
+                .unwrap();
+        }
+        stdin.flush().unwrap();
+        let mut stdout = BufReader::new(bridge.stdout.take().unwrap());
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let response = WireFormat::Proto
+                .read_response(&mut stdout, 1 << 20)
+                .unwrap()
+                .expect("a response");
+            assert_eq!(response.exit_code, 0, "{}", response.output);
+            assert!(response.output.contains("arrived 4"), "{}", response.output);
+            ids.push(response.request_id);
+        }
+        ids.sort();
+        assert_eq!(ids, [1, 2, 3, 4]);
+        drop(stdin);
+        let status = bridge.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+        expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn worker_client_buck2_drives_the_bridge() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let output = Command::new(CLIENT)
+            .args(["buck2", "--stream", "--concurrency", "4", "--repeat", "8"])
+            .args(["--request", "out{n}", "--"])
+            .args([BIN, "--concurrency", "4", "--bridge", "--", BIN])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for n in 0..8 {
+            assert!(dir.join(format!("out{n}")).exists(), "out{n}: {stdout}");
+        }
+    });
+}
+
+/// Installs the Node worker's packages if needed; `None` (loudly) when npm
+/// is missing and the environment does not require the Node test.
+fn node_worker() -> Option<String> {
+    let dir = testdata("node_worker");
+    let required = std::env::var("REQUIRE_NODE_WORKER").is_ok_and(|v| v == "1");
+    if !Path::new(&dir).join("node_modules/@bazel/worker").exists() {
+        let installed = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .status();
+        match installed {
+            Ok(status) if status.success() => {}
+            other => {
+                assert!(
+                    !required,
+                    "REQUIRE_NODE_WORKER=1 but `npm ci` in {dir} failed: {other:?}"
+                );
+                eprintln!(
+                    "\n*** SKIPPED: the Node @bazel/worker test needs npm and node \
+                     (`npm ci` in {dir}: {other:?}); set REQUIRE_NODE_WORKER=1 to make this a \
+                     failure ***\n"
+                );
+                return None;
+            }
+        }
+    }
+    Some(format!("{dir}/worker.js"))
+}
+
+#[test]
+fn a_node_worker_on_bazel_worker_serves_buck2_requests() {
+    within(Duration::from_secs(120), || {
+        let Some(script) = node_worker() else { return };
+        let (_d, dir) = tempdir();
+        let bridge = Bridge::start(&dir, &["--concurrency", "2"], &["node", &script]);
+        let conn = bridge.connect();
+        let requests: Vec<_> = (0..4)
+            .map(|i| command(&["--work-ms", "50", &format!("node{i}.txt")]))
+            .collect();
+        for (i, response) in execute_stream(&conn, &requests).iter().enumerate() {
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            assert!(
+                response.stderr.contains(&format!("wrote node{i}.txt")),
+                "{}",
+                response.stderr
+            );
+            assert_eq!(
+                std::fs::read_to_string(dir.join(format!("node{i}.txt"))).unwrap(),
+                format!("node{i}.txt\n")
+            );
+        }
+        let response = execute(&conn, &command(&["a", "b"]));
+        assert_eq!(response.exit_code, 1, "{}", response.stderr);
+        assert!(response.stderr.contains("exactly one OUTFILE"));
+        let children = bridge.children();
+        assert!(!children.is_empty() && children.len() <= 2, "{children:?}");
+        bridge.signal(libc::SIGTERM);
+        let dir = bridge.dir.clone();
+        let (status, _) = bridge.finish(Duration::from_secs(20));
+        assert!(status.success(), "{status:?}");
+        expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
