@@ -24,8 +24,8 @@ options:
   --worker-protocol FORMAT   Bazel framing: proto (default) or json
   --work-ms N                demo tool: simulated work per request (default 0)
   --max-message-bytes N      Bazel: largest request accepted (default 67108864)
-  --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
-                             after SIGTERM/SIGINT (default 2000)
+  --shutdown-grace-ms N      Buck2 and Bazel: how long in-flight requests may
+                             finish after SIGTERM/SIGINT (default 2000)
   --verbose                  log each request's start and end on stderr
   -h, --help                 print this help
   -V, --version              print the version

@@ -140,7 +140,13 @@ pub fn serve(
     input: impl BufRead,
     output: Box<dyn Write + Send>,
 ) -> Result<(), FrameError> {
-    serve_session(handler, pool, config, input, &Session::new(config.format, output))
+    serve_session(
+        handler,
+        pool,
+        config,
+        input,
+        &Session::new(config.format, output),
+    )
 }
 
 /// [`serve`] with a session made beforehand, so that a signal handler can
