@@ -3,6 +3,7 @@
 //! binary over real pipes and sockets.
 
 mod common;
+mod fault_support;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -12,32 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{request, Worker, BIN, WAIT};
-
-/// `Threads` and `VmRSS` (KiB) from /proc/PID/status.
-fn threads_and_rss(pid: i32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("Threads:"), field("VmRSS:"))
-}
-
-/// Alive means running or sleeping: a zombie has already exited and merely
-/// waits for a reaper that a container's init may never be.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
+use fault_support::{alive, threads_and_rss};
 
 /// Sends `count` panicking requests with at most `window` in flight and
 /// checks that each id is answered exactly once, as an error.
