@@ -187,3 +187,109 @@ fn soak_bazel_json_singleplex() {
     assert!(status.success(), "{stderr}");
     assert!(rest.is_empty(), "responses after the last: {}", rest.len());
 }
+
+/// Buck2 Execute from 16 clients at once, each on its own connection.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_buck2_execute_from_16_clients() {
+    use grpcio::{CallOption, Environment};
+    use persistent_worker::buck2::service::{self, EXECUTE};
+    use persistent_worker::proto::worker::ExecuteCommand;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Arc;
+
+    const CLIENTS: i32 = 16;
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("socket");
+    let mut child = Command::new(common::BIN)
+        .args(["--concurrency", "8"])
+        .env("WORKER_SOCKET", &socket)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the worker");
+    let pid = child.id() as i32;
+    let (ready_tx, ready) = crossbeam_channel::bounded(1);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    ready
+        .recv_timeout(common::WAIT)
+        .expect("worker did not start listening");
+
+    let answered = Arc::new(AtomicI32::new(0));
+    // Each client reports when it is a tenth of the way through.
+    let (tenth_tx, tenth) = crossbeam_channel::bounded::<()>(CLIENTS as usize);
+    let per_client = n / CLIENTS;
+    let n = per_client * CLIENTS;
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = socket.clone();
+            let dir = dir.path().to_path_buf();
+            let answered = Arc::clone(&answered);
+            let tenth_tx = tenth_tx.clone();
+            std::thread::spawn(move || {
+                let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
+                for k in 0..per_client {
+                    if k == per_client / 10 {
+                        let _ = tenth_tx.send(());
+                    }
+                    let id = c * per_client + k + 1;
+                    let mut command = ExecuteCommand::new();
+                    command.argv = vec![format!("out-{id}.txt").into_bytes()];
+                    let option = CallOption::default().timeout(common::WAIT);
+                    let response = conn
+                        .client()
+                        .unary_call(&EXECUTE, &command, option)
+                        .unwrap_or_else(|e| panic!("Execute {id}: {e}"));
+                    assert_eq!(response.exit_code, 0, "{}", response.stderr);
+                    check_written(&dir, id);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    drop(tenth_tx);
+    for _ in 0..CLIENTS {
+        tenth
+            .recv_timeout(common::WAIT * 3)
+            .expect("a client stalled or failed before a tenth of its requests");
+    }
+    let mut samples = Vec::new();
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered.load(Ordering::Relaxed),
+        threads,
+        rss_kib,
+    });
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered.load(Ordering::Relaxed),
+        threads,
+        rss_kib,
+    });
+    assert_eq!(answered.load(Ordering::Relaxed), n);
+    report("buck2 execute, 16 clients", n, started, &samples, "");
+}
