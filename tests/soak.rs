@@ -293,3 +293,139 @@ fn soak_buck2_execute_from_16_clients() {
     assert_eq!(answered.load(Ordering::Relaxed), n);
     report("buck2 execute, 16 clients", n, started, &samples, "");
 }
+
+/// Buck2 ExecuteStream, 64 in flight per call, in calls of 500 requests; one
+/// call in 10 is dropped by the client half-way. Every request of a call that
+/// is kept is answered exactly once with its file written; after a drop the
+/// next call is served as before.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
+    use futures_util::{SinkExt, StreamExt};
+    use grpcio::{CallOption, Environment, WriteFlags};
+    use persistent_worker::buck2::lifecycle::block_on_until;
+    use persistent_worker::buck2::service::{self, EXECUTE_STREAM};
+    use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream};
+    use std::collections::HashSet;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    fn wait<F: std::future::Future + Unpin>(mut future: F) -> F::Output {
+        block_on_until(&mut future, Instant::now() + common::WAIT)
+            .unwrap_or_else(|| panic!("stream call did not progress within {:?}", common::WAIT))
+    }
+
+    const PER_CALL: i32 = 500;
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("socket");
+    let mut child = Command::new(common::BIN)
+        .args(["--concurrency", "8"])
+        .env("WORKER_SOCKET", &socket)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the worker");
+    let pid = child.id() as i32;
+    let (ready_tx, ready) = crossbeam_channel::bounded(1);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    ready
+        .recv_timeout(common::WAIT)
+        .expect("worker did not start listening");
+    let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
+
+    let mut rng = Lcg(0xd20b5);
+    let mut next: i32 = 1;
+    let (mut answered, mut dropped_calls, mut dropped_requests) = (0, 0, 0);
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while next <= n {
+        let last = (next + PER_CALL - 1).min(n);
+        let drop_at = (rng.next() % 4 == 0).then(|| next + (last - next) / 2);
+        let option = CallOption::default().timeout(common::WAIT * 3);
+        let (mut tx, mut rx) = conn
+            .client()
+            .duplex_streaming(&EXECUTE_STREAM, option)
+            .unwrap();
+        let mut outstanding = HashSet::new();
+        loop {
+            while next <= last && outstanding.len() < 64 {
+                let mut command = ExecuteCommand::new();
+                command.argv = vec![format!("out-{next}.txt").into_bytes()];
+                let mut m = ExecuteCommandStream::new();
+                m.id = next as u64;
+                m.request = protobuf::MessageField::some(command);
+                wait(Box::pin(tx.send((m, WriteFlags::default())))).unwrap();
+                outstanding.insert(next);
+                next += 1;
+            }
+            if next > last && outstanding.is_empty() {
+                break;
+            }
+            if drop_at.is_some_and(|at| next > at) {
+                break;
+            }
+            let message = wait(rx.next())
+                .expect("stream ended early")
+                .expect("stream message");
+            let id = i32::try_from(message.id).expect("an id we sent");
+            assert!(outstanding.remove(&id), "id {id} unknown or answered twice");
+            let response = message.response.into_option().expect("a response");
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            check_written(dir.path(), id);
+            answered += 1;
+            if samples.is_empty() && answered >= n / 10 {
+                let (threads, rss_kib) = threads_and_rss(pid);
+                samples.push(Sample {
+                    at: answered,
+                    threads,
+                    rss_kib,
+                });
+            }
+        }
+        if drop_at.is_some() {
+            // The client goes away with requests in flight.
+            drop(tx);
+            drop(rx);
+            dropped_calls += 1;
+            dropped_requests += outstanding.len() as i32;
+            for id in outstanding.drain() {
+                let _ = std::fs::remove_file(dir.path().join(format!("out-{id}.txt")));
+            }
+            // The call's unsent ids go on the next call.
+        } else {
+            // A call may already be finished by the time the client half-closes
+            // (every answer given); either way no further message may come.
+            let _ = wait(Box::pin(tx.close()));
+            assert!(wait(rx.next()).is_none(), "a message after the last answer");
+        }
+    }
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered,
+        threads,
+        rss_kib,
+    });
+    assert_eq!(answered + dropped_requests, n);
+    let extra =
+        format!(", {dropped_calls} calls dropped with {dropped_requests} requests in flight");
+    report("buck2 execute-stream", n, started, &samples, &extra);
+}
