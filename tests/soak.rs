@@ -359,7 +359,10 @@ fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
     let started = Instant::now();
     while next <= n {
         let last = (next + PER_CALL - 1).min(n);
-        let drop_at = (rng.next() % 4 == 0).then(|| next + (last - next) / 2);
+        let drop_at = rng
+            .next()
+            .is_multiple_of(4)
+            .then(|| next + (last - next) / 2);
         let option = CallOption::default().timeout(common::WAIT * 3);
         let (mut tx, mut rx) = conn
             .client()
