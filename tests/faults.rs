@@ -211,3 +211,22 @@ fn buck2_worker_exits_within_a_second_of_its_parent() {
         dir.path(),
     );
 }
+
+/// A full disk is the tool's error, answered as such; the worker goes on.
+#[test]
+fn output_on_a_full_device_is_a_clear_error_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&[], dir.path());
+    worker.send(&request(1, &["/dev/full"]));
+    let response = worker.recv();
+    assert_eq!(response.exit_code, 1, "{}", response.output);
+    assert!(
+        response.output.contains("cannot write /dev/full") && response.output.contains("space"),
+        "{}",
+        response.output
+    );
+    worker.send(&request(2, &["after.txt"]));
+    assert_eq!(worker.recv().exit_code, 0);
+    let (status, rest, stderr) = worker.finish();
+    assert!(status.success() && rest.is_empty(), "{stderr}");
+}
