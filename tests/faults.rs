@@ -230,3 +230,46 @@ fn output_on_a_full_device_is_a_clear_error_response() {
     let (status, rest, stderr) = worker.finish();
     assert!(status.success() && rest.is_empty(), "{stderr}");
 }
+
+/// The client stops reading (EPIPE): one log line, no partial frame, no panic
+/// storm, and a clean exit at the end of input.
+#[test]
+fn a_closed_stdout_is_logged_once_and_the_worker_exits_cleanly() {
+    use persistent_worker::bazel::WireFormat;
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--persistent_worker", "--concurrency", "4"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker");
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = done_tx.send(text);
+    });
+    for id in 1..=100 {
+        let bytes = WireFormat::Proto.encode_request(&request(id, &[&format!("out-{id}")]));
+        stdin
+            .write_all(&bytes)
+            .expect("the worker still reads its input");
+    }
+    drop(stdin);
+    let log = done.recv_timeout(WAIT).expect("worker did not exit");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(
+        log.matches("cannot write response").count(),
+        1,
+        "one line for the broken pipe: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
