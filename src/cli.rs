@@ -30,8 +30,8 @@ options:
   --max-message-bytes N      Bazel: largest request accepted (default 67108864)
   --max-argfile-bytes N      bytes one request may read from argument files,
                              all of them together (default 67108864)
-  --shutdown-grace-ms N      Buck2: how long in-flight requests may finish
-                             after SIGTERM/SIGINT (default 2000)
+  --shutdown-grace-ms N      Buck2 and Bazel: how long in-flight requests may
+                             finish after SIGTERM/SIGINT (default 2000)
   --verbose                  log each request's start and end on stderr
 bridge options:
   --bridge                   serve requests with child workers `CMD ARGS...`

@@ -35,6 +35,7 @@ pub mod buck2;
 #[cfg(not(feature = "grpc"))]
 pub mod buck2 {
     pub mod command;
+    pub mod lifecycle;
 }
 pub mod cli;
 pub mod demo;

@@ -6,10 +6,12 @@ use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::bazel::worker::{self, Config};
+use crate::bazel::worker::{self, Config, Session};
 #[cfg(feature = "grpc")]
 use crate::buck2;
+use crate::buck2::lifecycle::{self, Parent, Signals};
 use crate::cli::{self, Command, Mode, Options, USAGE};
 use crate::pool::Pool;
 use crate::request::Handler;
@@ -70,6 +72,15 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
 }
 
 fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = match Signals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("persistent-worker: cannot block stop signals: {e}");
+            return 2;
+        }
+    };
+    let parent = Parent::watch();
     let protocol_out = match process::take_stdout_for_protocol() {
         Ok(file) => file,
         Err(e) => {
@@ -90,15 +101,20 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
         cwd,
         verbose: options.verbose,
     };
+    let session = Session::new(config.format, Box::new(protocol_out));
+    let grace = options.shutdown_grace;
+    let stopper = Arc::clone(&session);
+    let tool = Arc::clone(&handler);
+    let watcher = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || stop_on_signal(&signals, &parent, &stopper, &*tool, grace));
+    if let Err(e) = watcher {
+        eprintln!("persistent-worker: cannot start the signal thread: {e}");
+        return 2;
+    }
     let stdin = BufReader::new(std::io::stdin().lock());
     let pool = Pool::new(options.concurrency);
-    match worker::serve(
-        Arc::clone(&handler),
-        pool,
-        &config,
-        stdin,
-        Box::new(protocol_out),
-    ) {
+    match worker::serve_session(Arc::clone(&handler), pool, &config, stdin, &session) {
         Ok(()) => {
             handler.shutdown();
             0
@@ -110,5 +126,48 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
             // client waiting, and their output is already shut off.
             std::process::exit(1);
         }
+    }
+}
+
+/// Bazel sends SIGTERM when it shuts its workers down: every accepted request
+/// is answered (as cancelled if it has to be) within `grace`, then the process
+/// exits 0. If the parent dies nobody is left to read an answer, so the
+/// process exits at once.
+fn stop_on_signal(
+    signals: &Signals,
+    parent: &Parent,
+    session: &Session,
+    tool: &dyn Handler,
+    grace: Duration,
+) -> ! {
+    loop {
+        let signal = signals.wait();
+        if signal == libc::SIGHUP {
+            if !parent.is_gone() {
+                // The thread that started us exited, not the process.
+                parent.poll_from_now_on();
+                continue;
+            }
+            eprintln!(
+                "persistent-worker: parent process {} exited; stopping",
+                parent.pid()
+            );
+            std::process::exit(0);
+        }
+        eprintln!(
+            "persistent-worker: {}: cancelling running requests, waiting up to {} ms",
+            lifecycle::signal_name(signal),
+            grace.as_millis()
+        );
+        let stuck = session.stop(grace);
+        if stuck > 0 {
+            eprintln!(
+                "persistent-worker: answered {stuck} request(s) as cancelled whose tool did not stop"
+            );
+        }
+        // A bridge's children get EOF, then SIGKILL after a bound.
+        tool.shutdown();
+        eprintln!("persistent-worker: stopped");
+        std::process::exit(0);
     }
 }

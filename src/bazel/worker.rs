@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
@@ -21,7 +23,7 @@ use super::sandbox;
 use crate::pool::Pool;
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
-use crate::request::{lock, CancelToken, Handler, Request, Response};
+use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
 
 /// How the loop reads and writes, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -70,6 +72,65 @@ impl ResponseWriter {
     }
 }
 
+/// The requests a worker has accepted and the stream their answers leave by:
+/// what a stop signal needs to reach to answer every one of them.
+pub struct Session {
+    writer: Arc<ResponseWriter>,
+    in_flight: Arc<Mutex<HashMap<i32, CancelToken>>>,
+    /// Signalled whenever a request leaves `in_flight`.
+    left: Condvar,
+    stopping: AtomicBool,
+    identity: Arc<str>,
+}
+
+impl Session {
+    pub fn new(format: WireFormat, output: Box<dyn Write + Send>) -> Arc<Session> {
+        Arc::new(Session {
+            writer: Arc::new(ResponseWriter::new(format, output)),
+            in_flight: Arc::default(),
+            left: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            identity: crate::process::identity().into(),
+        })
+    }
+
+    /// Winds the session down for a stop signal: requests that arrive from
+    /// now on are answered as cancelled at once, running ones are cancelled
+    /// and get `grace` to answer, and any whose tool ignores the cancel is
+    /// then answered as cancelled by the worker. Output is closed afterwards,
+    /// so a late answer from a stuck tool never follows. Returns how many
+    /// requests the worker had to answer for.
+    pub fn stop(&self, grace: Duration) -> usize {
+        let deadline = Instant::now() + grace;
+        let mut table = lock(&self.in_flight);
+        self.stopping.store(true, Ordering::Release);
+        for token in table.values() {
+            token.cancel();
+        }
+        while !table.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            table = match self.left.wait_timeout(table, left) {
+                Ok((table, _)) => table,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        let stuck: Vec<i32> = table.keys().copied().collect();
+        for &id in &stuck {
+            let response = Response::stopped(
+                Stop::Cancelled,
+                "worker: shutting down; the tool did not stop within the grace period\n",
+            );
+            self.writer.send(&to_wire(&self.identity, id, response));
+        }
+        table.clear();
+        self.writer.close();
+        stuck.len()
+    }
+}
+
 /// Serves requests from `input` until end of input, then finishes the requests
 /// in flight, writes their responses and returns. A stream that cannot be
 /// read as requests returns the error at once, with output already closed.
@@ -77,12 +138,30 @@ pub fn serve(
     handler: Arc<dyn Handler>,
     pool: Pool,
     config: &Config,
-    mut input: impl BufRead,
+    input: impl BufRead,
     output: Box<dyn Write + Send>,
 ) -> Result<(), FrameError> {
-    let writer = Arc::new(ResponseWriter::new(config.format, output));
-    let in_flight: Arc<Mutex<HashMap<i32, CancelToken>>> = Arc::default();
-    let identity: Arc<str> = crate::process::identity().into();
+    serve_session(
+        handler,
+        pool,
+        config,
+        input,
+        &Session::new(config.format, output),
+    )
+}
+
+/// [`serve`] with a session made beforehand, so that a signal handler can
+/// [`Session::stop`] it.
+pub fn serve_session(
+    handler: Arc<dyn Handler>,
+    pool: Pool,
+    config: &Config,
+    mut input: impl BufRead,
+    session: &Arc<Session>,
+) -> Result<(), FrameError> {
+    let writer = Arc::clone(&session.writer);
+    let in_flight = Arc::clone(&session.in_flight);
+    let identity = Arc::clone(&session.identity);
     // Completion of the id-0 request in flight, if any.
     let mut singleplex: Option<Receiver<()>> = None;
     loop {
@@ -149,6 +228,15 @@ pub fn serve(
                 writer.send(&to_wire(&identity, id, response));
                 continue;
             }
+            if session.stopping.load(Ordering::Acquire) {
+                drop(table);
+                let response = Response::stopped(
+                    Stop::Cancelled,
+                    "worker: shutting down; request not started\n",
+                );
+                writer.send(&to_wire(&identity, id, response));
+                continue;
+            }
             table.insert(id, request.cancel.clone());
             if verbose {
                 eprintln!("worker: request {id} started, {} in flight", table.len());
@@ -156,16 +244,19 @@ pub fn serve(
         }
         let (done_tx, done_rx) = bounded::<()>(1);
         let writer = Arc::clone(&writer);
-        let table = Arc::clone(&in_flight);
+        let session = Arc::clone(session);
         let identity = Arc::clone(&identity);
         pool.submit(Arc::clone(&handler), request, move |response| {
             // Leave the table before answering: once the client has the
-            // response it may reuse the id.
-            let left = {
-                let mut table = lock(&table);
-                table.remove(&id);
-                table.len()
-            };
+            // response it may reuse the id. The answer is written under the
+            // table's lock so that an empty table means every answer is out
+            // (a stop waits for that), and a request already answered for by
+            // a stop is not answered twice.
+            let mut table = lock(&session.in_flight);
+            if table.remove(&id).is_none() {
+                return;
+            }
+            let left = table.len();
             if verbose {
                 eprintln!(
                     "worker: request {id} finished, exit code {}{}, {left} in flight",
@@ -178,6 +269,8 @@ pub fn serve(
                 );
             }
             writer.send(&to_wire(&identity, id, response));
+            drop(table);
+            session.left.notify_all();
             let _ = done_tx.send(());
         });
         if id == 0 {

@@ -163,6 +163,15 @@ impl Worker {
         self.recv_timed().1
     }
 
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The exit status, if the worker exits within `limit`.
+    pub fn exited_within(&self, limit: Duration) -> Option<ExitStatus> {
+        self.exit.recv_timeout(limit).ok()
+    }
+
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Soak and load: first the fault and integration tests with every core kept
+# busy by other work (a timing assumption that only holds on an idle machine
+# shows up here as a failure), then N requests through each front end with
+# nothing lost and threads/RSS flat.
+# Usage: ci/soak.sh [N]          (default 10000)
+#   SOAK_PROFILE=debug|release   build to test (default debug)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-10000}
+profile=${SOAK_PROFILE:-debug}
+release=()
+if [ "$profile" = release ]; then
+    release=(--release)
+fi
+
+cores=$(nproc)
+hogs=()
+stop_hogs() {
+    for pid in "${hogs[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${hogs[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    hogs=()
+}
+trap stop_hogs EXIT
+cargo test "${release[@]}" --no-run --quiet --test faults --test bazel_worker --test buck2_worker --test soak
+if command -v stress-ng >/dev/null; then
+    stress-ng --cpu "$cores" --quiet &
+    hogs+=($!)
+    echo "load: stress-ng --cpu $cores"
+else
+    for _ in $(seq "$cores"); do
+        sh -c 'while :; do :; done' &
+        hogs+=($!)
+    done
+    echo "load: $cores busy loops"
+fi
+cargo test "${release[@]}" --quiet --test faults --test bazel_worker --test buck2_worker
+stop_hogs
+
+echo "soak: $requests requests per front end, $profile build"
+SOAK_REQUESTS=$requests cargo test "${release[@]}" --quiet --test soak -- --ignored --nocapture --test-threads 1 \
+    | grep -E '^soak|test result'

@@ -1,0 +1,434 @@
+//! Soak: many requests through a Bazel front end, nothing lost. Ignored by
+//! default; `ci/soak.sh N` runs them with `SOAK_REQUESTS=N` (default 10,000).
+//!
+//! Every request writes its own file, whose content is checked; every id is
+//! answered exactly once; cancelled requests are flagged and write nothing.
+//! Threads and RSS are sampled after 10 % and after 100 % of the requests and
+//! must be flat: the same thread count, and RSS within 4 MiB. The slack is
+//! for allocator arenas and page-cache effects in the worker (steady runs
+//! move by well under 1 MiB); a leak of 64 bytes per request would exceed it
+//! within 100,000 requests.
+
+mod common;
+mod fault_support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use common::{cancel, request, Worker};
+use fault_support::threads_and_rss;
+
+const RSS_SLACK_KIB: u64 = 4096;
+
+fn requests() -> i32 {
+    std::env::var("SOAK_REQUESTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// A tiny deterministic generator, so a failing run can be repeated.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+fn check_written(dir: &Path, id: i32) {
+    let name = format!("out-{id}.txt");
+    let path = dir.join(&name);
+    let content = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("request {id} answered but {name}: {e}"));
+    assert_eq!(content, format!("{name}\n"), "content of {name}");
+    // Keeps the directory small over a long run.
+    std::fs::remove_file(path).unwrap();
+}
+
+struct Sample {
+    at: i32,
+    threads: u64,
+    rss_kib: u64,
+}
+
+fn report(front_end: &str, n: i32, started: Instant, samples: &[Sample], extra: &str) {
+    let secs = started.elapsed().as_secs_f64();
+    let figures: Vec<String> = samples
+        .iter()
+        .map(|s| format!("{}: {} threads, {} KiB", s.at, s.threads, s.rss_kib))
+        .collect();
+    println!(
+        "soak {front_end}: {n} requests in {secs:.1} s ({:.0} req/s){extra}; {}",
+        f64::from(n) / secs,
+        figures.join("; ")
+    );
+    let (first, last) = (&samples[0], &samples[samples.len() - 1]);
+    assert_eq!(
+        first.threads, last.threads,
+        "{front_end}: thread count changed"
+    );
+    assert!(
+        last.rss_kib <= first.rss_kib + RSS_SLACK_KIB,
+        "{front_end}: RSS grew from {} KiB to {} KiB",
+        first.rss_kib,
+        last.rss_kib
+    );
+}
+
+/// Bazel proto multiplex, 64 in flight, 5 % of requests cancelled. A request
+/// to be cancelled is given 60 s of work, so only the cancel can end it in
+/// time: it must come back flagged and must not have written its file.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_bazel_proto_multiplex_64_in_flight_with_cancels() {
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--concurrency", "8"], dir.path());
+    let mut rng = Lcg(0x5eed);
+    // id -> whether it was cancelled.
+    let mut outstanding: HashMap<i32, bool> = HashMap::new();
+    let mut answered = 0;
+    let mut cancelled = 0;
+    let mut next = 1;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while answered < n {
+        while next <= n && outstanding.len() < 64 {
+            let out = format!("out-{next}.txt");
+            if rng.next() % 100 < 5 {
+                worker.send(&request(next, &["--work-ms", "60000", &out]));
+                worker.send(&cancel(next));
+                outstanding.insert(next, true);
+            } else {
+                worker.send(&request(next, &[&out]));
+                outstanding.insert(next, false);
+            }
+            next += 1;
+        }
+        let response = worker.recv();
+        let id = response.request_id;
+        let was_cancel = outstanding
+            .remove(&id)
+            .unwrap_or_else(|| panic!("id {id} unknown or answered twice"));
+        if was_cancel {
+            assert!(response.was_cancelled, "request {id} not flagged cancelled");
+            assert!(!dir.path().join(format!("out-{id}.txt")).exists());
+            cancelled += 1;
+        } else {
+            assert_eq!(response.exit_code, 0, "{}", response.output);
+            assert!(!response.was_cancelled);
+            check_written(dir.path(), id);
+        }
+        answered += 1;
+        if answered == n / 10 || answered == n {
+            let (threads, rss_kib) = threads_and_rss(worker.pid());
+            samples.push(Sample {
+                at: answered,
+                threads,
+                rss_kib,
+            });
+        }
+    }
+    let extra = format!(", {cancelled} cancelled");
+    report("bazel proto multiplex", n, started, &samples, &extra);
+    let (status, rest, stderr) = worker.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(rest.is_empty(), "responses after the last: {}", rest.len());
+}
+
+/// Bazel JSON singleplex, eight requests pipelined: answers come back in the
+/// order sent, each naming its own file.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_bazel_json_singleplex() {
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--worker-protocol", "json"], dir.path());
+    let mut sent = std::collections::VecDeque::new();
+    let mut next = 1;
+    let mut answered = 0;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while answered < n {
+        while next <= n && sent.len() < 8 {
+            worker.send(&request(0, &[&format!("out-{next}.txt")]));
+            sent.push_back(next);
+            next += 1;
+        }
+        let response = worker.recv();
+        let expected = sent.pop_front().unwrap();
+        assert_eq!(response.exit_code, 0, "{}", response.output);
+        assert!(
+            response
+                .output
+                .contains(&format!("wrote out-{expected}.txt\n")),
+            "answer out of order, expected out-{expected}.txt: {}",
+            response.output
+        );
+        check_written(dir.path(), expected);
+        answered += 1;
+        if answered == n / 10 || answered == n {
+            let (threads, rss_kib) = threads_and_rss(worker.pid());
+            samples.push(Sample {
+                at: answered,
+                threads,
+                rss_kib,
+            });
+        }
+    }
+    report("bazel json singleplex", n, started, &samples, "");
+    let (status, rest, stderr) = worker.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(rest.is_empty(), "responses after the last: {}", rest.len());
+}
+
+/// Buck2 Execute from 16 clients at once, each on its own connection.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_buck2_execute_from_16_clients() {
+    use grpcio::{CallOption, Environment};
+    use persistent_worker::buck2::service::{self, EXECUTE};
+    use persistent_worker::proto::worker::ExecuteCommand;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Arc;
+
+    const CLIENTS: i32 = 16;
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("socket");
+    let mut child = Command::new(common::BIN)
+        .args(["--concurrency", "8"])
+        .env("WORKER_SOCKET", &socket)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the worker");
+    let pid = child.id() as i32;
+    let (ready_tx, ready) = crossbeam_channel::bounded(1);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    ready
+        .recv_timeout(common::WAIT)
+        .expect("worker did not start listening");
+
+    let answered = Arc::new(AtomicI32::new(0));
+    // Each client reports when it is a tenth of the way through.
+    let (tenth_tx, tenth) = crossbeam_channel::bounded::<()>(CLIENTS as usize);
+    let per_client = n / CLIENTS;
+    let n = per_client * CLIENTS;
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = socket.clone();
+            let dir = dir.path().to_path_buf();
+            let answered = Arc::clone(&answered);
+            let tenth_tx = tenth_tx.clone();
+            std::thread::spawn(move || {
+                let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
+                for k in 0..per_client {
+                    if k == per_client / 10 {
+                        let _ = tenth_tx.send(());
+                    }
+                    let id = c * per_client + k + 1;
+                    let mut command = ExecuteCommand::new();
+                    command.argv = vec![format!("out-{id}.txt").into_bytes()];
+                    let option = CallOption::default().timeout(common::WAIT);
+                    let response = conn
+                        .client()
+                        .unary_call(&EXECUTE, &command, option)
+                        .unwrap_or_else(|e| panic!("Execute {id}: {e}"));
+                    assert_eq!(response.exit_code, 0, "{}", response.stderr);
+                    check_written(&dir, id);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    drop(tenth_tx);
+    for _ in 0..CLIENTS {
+        tenth
+            .recv_timeout(common::WAIT * 3)
+            .expect("a client stalled or failed before a tenth of its requests");
+    }
+    let mut samples = Vec::new();
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered.load(Ordering::Relaxed),
+        threads,
+        rss_kib,
+    });
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered.load(Ordering::Relaxed),
+        threads,
+        rss_kib,
+    });
+    assert_eq!(answered.load(Ordering::Relaxed), n);
+    report("buck2 execute, 16 clients", n, started, &samples, "");
+}
+
+/// Buck2 ExecuteStream, 64 in flight per call, in calls of 500 requests; one
+/// call in 10 is dropped by the client half-way. Every request of a call that
+/// is kept is answered exactly once with its file written; after a drop the
+/// next call is served as before.
+#[test]
+#[ignore = "soak; run by ci/soak.sh"]
+fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
+    use futures_util::{SinkExt, StreamExt};
+    use grpcio::{CallOption, Environment, WriteFlags};
+    use persistent_worker::buck2::lifecycle::block_on_until;
+    use persistent_worker::buck2::service::{self, EXECUTE_STREAM};
+    use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream};
+    use std::collections::HashSet;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    fn wait<F: std::future::Future + Unpin>(mut future: F) -> F::Output {
+        block_on_until(&mut future, Instant::now() + common::WAIT)
+            .unwrap_or_else(|| panic!("stream call did not progress within {:?}", common::WAIT))
+    }
+
+    const PER_CALL: i32 = 500;
+    let n = requests();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("socket");
+    let mut child = Command::new(common::BIN)
+        .args(["--concurrency", "8"])
+        .env("WORKER_SOCKET", &socket)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the worker");
+    let pid = child.id() as i32;
+    let (ready_tx, ready) = crossbeam_channel::bounded(1);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    ready
+        .recv_timeout(common::WAIT)
+        .expect("worker did not start listening");
+    let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
+
+    let mut rng = Lcg(0xd20b5);
+    let mut next: i32 = 1;
+    let (mut answered, mut dropped_calls, mut dropped_requests) = (0, 0, 0);
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while next <= n {
+        let last = (next + PER_CALL - 1).min(n);
+        let drop_at = rng
+            .next()
+            .is_multiple_of(4)
+            .then(|| next + (last - next) / 2);
+        let option = CallOption::default().timeout(common::WAIT * 3);
+        let (mut tx, mut rx) = conn
+            .client()
+            .duplex_streaming(&EXECUTE_STREAM, option)
+            .unwrap();
+        let mut outstanding = HashSet::new();
+        loop {
+            while next <= last && outstanding.len() < 64 {
+                let mut command = ExecuteCommand::new();
+                command.argv = vec![format!("out-{next}.txt").into_bytes()];
+                let mut m = ExecuteCommandStream::new();
+                m.id = next as u64;
+                m.request = protobuf::MessageField::some(command);
+                wait(Box::pin(tx.send((m, WriteFlags::default())))).unwrap();
+                outstanding.insert(next);
+                next += 1;
+            }
+            if next > last && outstanding.is_empty() {
+                break;
+            }
+            if drop_at.is_some_and(|at| next > at) {
+                break;
+            }
+            let message = wait(rx.next())
+                .expect("stream ended early")
+                .expect("stream message");
+            let id = i32::try_from(message.id).expect("an id we sent");
+            assert!(outstanding.remove(&id), "id {id} unknown or answered twice");
+            let response = message.response.into_option().expect("a response");
+            assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            check_written(dir.path(), id);
+            answered += 1;
+            if samples.is_empty() && answered >= n / 10 {
+                let (threads, rss_kib) = threads_and_rss(pid);
+                samples.push(Sample {
+                    at: answered,
+                    threads,
+                    rss_kib,
+                });
+            }
+        }
+        if drop_at.is_some() {
+            // The client goes away with requests in flight.
+            drop(tx);
+            drop(rx);
+            dropped_calls += 1;
+            dropped_requests += outstanding.len() as i32;
+            for id in outstanding.drain() {
+                let _ = std::fs::remove_file(dir.path().join(format!("out-{id}.txt")));
+            }
+            // The call's unsent ids go on the next call.
+        } else {
+            // A call may already be finished by the time the client half-closes
+            // (every answer given); either way no further message may come.
+            let _ = wait(Box::pin(tx.close()));
+            assert!(wait(rx.next()).is_none(), "a message after the last answer");
+        }
+    }
+    let (threads, rss_kib) = threads_and_rss(pid);
+    samples.push(Sample {
+        at: answered,
+        threads,
+        rss_kib,
+    });
+    assert_eq!(answered + dropped_requests, n);
+    let extra =
+        format!(", {dropped_calls} calls dropped with {dropped_requests} requests in flight");
+    report("buck2 execute-stream", n, started, &samples, &extra);
+}
