@@ -341,7 +341,7 @@ fn a_json_object_that_never_closes_stops_at_the_limit() {
 }
 
 /// Peak resident memory of a live process, in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
+fn vm_hwm_kib(pid: i32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -417,7 +417,7 @@ fn a_60_mib_frame_that_ends_early_allocates_as_it_reads() {
     assert!(stderr.contains("ended inside a frame"), "{stderr}");
 }
 
-fn vm_size_kib(pid: u32) -> u64 {
+fn vm_size_kib(pid: i32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()

@@ -155,10 +155,6 @@ impl Worker {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid as u32
-    }
-
     pub fn recv(&self) -> WorkResponse {
         self.recv_timed().1
     }
