@@ -43,4 +43,4 @@ stop_hogs
 
 echo "soak: $requests requests per front end, $profile build"
 SOAK_REQUESTS=$requests cargo test "${release[@]}" --quiet --test soak -- --ignored --nocapture --test-threads 1 \
-    | grep -E '^soak|test result'
+    | grep -oE 'soak [a-z].*|test result.*'
