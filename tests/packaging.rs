@@ -39,7 +39,7 @@ fn flake_image_matches_ci_image() {
     let (user, uid) = (shell_var(&script, "user"), shell_var(&script, "uid"));
     assert_eq!(nix_string(&flake, "user"), user);
     assert_eq!(nix_string(&flake, "uid"), uid);
-    assert!(script.contains(&format!("--config.user \"$uid:$uid\"")));
+    assert!(script.contains("--config.user \"$uid:$uid\""));
     assert!(flake.contains("User = \"${uid}:${uid}\";"));
 
     // passwd and group lines, in the same shape.
