@@ -36,4 +36,8 @@ if [ -x "$client" ]; then
   echo
   echo "== Bazel worker, proto protocol, driven by worker-client"
   "$client" bazel --arg out/c.txt -- "$bin"
+  echo
+  echo "== Buck2 worker: gRPC on WORKER_SOCKET, two requests driven by worker-client buck2"
+  "$client" buck2 --concurrency 2 --request out/d.txt --request out/e.txt -- "$bin" --concurrency 2
+  echo "out/d.txt contains: $(cat out/d.txt); out/e.txt contains: $(cat out/e.txt)"
 fi

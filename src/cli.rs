@@ -24,6 +24,10 @@ usage: persistent-worker [OPTIONS] --persistent_worker    Bazel-protocol worker 
 Arguments may come from files: @FILE, --flagfile=FILE, -flagfile=FILE.
 
 options:
+  --worker-options FILE      read worker options from FILE, one per line
+                             (relative to the working directory); a build
+                             rule writes it so a change of options changes
+                             the worker's identity
   --concurrency N            requests run at once (default: available parallelism)
   --worker-protocol FORMAT   Bazel framing: proto (default) or json
   --work-ms N                demo tool: simulated work per request (default 0)
@@ -127,20 +131,81 @@ pub fn parse(
         request_args: Vec::new(),
         bridge: None,
     };
-    let mut bridge = BridgeOptions {
-        command: Vec::new(),
-        multiplex: false,
-        child_protocol: WireFormat::Proto,
-        cancel_grace: Duration::from_millis(100),
+    let mut bridge = BridgeFlags {
+        options: BridgeOptions {
+            command: Vec::new(),
+            multiplex: false,
+            child_protocol: WireFormat::Proto,
+            cancel_grace: Duration::from_millis(100),
+        },
+        on: false,
+        only: None,
     };
-    let (mut bridge_flag, mut bridge_only) = (false, None);
-    let one_shot = options.mode == Mode::OneShot;
+    let source = if options.mode == Mode::OneShot {
+        Source::OneShotArgv
+    } else {
+        Source::WorkerArgv
+    };
+    if let Some(command) = apply(&args, source, cwd, &mut options, &mut bridge)? {
+        return Ok(command);
+    }
+    // The request is expanded again when it runs; keep literal `@x` literal.
+    options.request_args = argfile::escape(options.request_args);
+    match (bridge.on, child_command) {
+        (true, Some(command)) if !command.is_empty() => {
+            bridge.options.command = command;
+            options.bridge = Some(bridge.options);
+        }
+        (true, _) => return Err("--bridge needs the child's command after `--`".to_owned()),
+        (false, _) => {
+            if let Some(flag) = bridge.only {
+                return Err(format!("{flag} is a bridge option and needs --bridge"));
+            }
+        }
+    }
+    Ok(Command::Run(options))
+}
 
+/// The bridge's options as they are read; they only count with `--bridge`.
+struct BridgeFlags {
+    options: BridgeOptions,
+    on: bool,
+    /// The last bridge-only option seen, to name it if `--bridge` is missing.
+    only: Option<&'static str>,
+}
+
+/// Where a list of options came from: what it may contain depends on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source<'a> {
+    /// Unknown arguments are the one-shot request's.
+    OneShotArgv,
+    WorkerArgv,
+    /// A `--worker-options` file: worker options only.
+    File(&'a str),
+}
+
+/// Applies `args` to `options`; `Some` when the command is help or version.
+fn apply(
+    args: &[String],
+    source: Source,
+    cwd: &Path,
+    options: &mut Options,
+    bridge: &mut BridgeFlags,
+) -> Result<Option<Command>, String> {
     use lexopt::prelude::*;
-    let mut parser = lexopt::Parser::from_args(&args);
+    let one_shot = source == Source::OneShotArgv;
+    let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Long("persistent_worker") => {}
+            // The mode is chosen from the command line before any option is
+            // read, so a file cannot change it.
+            Long("persistent_worker") if !matches!(source, Source::File(_)) => {}
+            Long("worker-options") if !matches!(source, Source::File(_)) => {
+                let name = text(&mut parser)?;
+                let lines = read_options_file(&name, cwd)?;
+                apply(&lines, Source::File(&name), cwd, options, bridge)
+                    .map_err(|e| format!("worker options file '{name}': {e}"))?;
+            }
             Long("concurrency") => {
                 options.concurrency = number(&mut parser, "--concurrency")?;
                 if options.concurrency == 0 {
@@ -162,22 +227,26 @@ pub fn parse(
                     Duration::from_millis(number(&mut parser, "--shutdown-grace-ms")?)
             }
             Long("verbose") => options.verbose = true,
-            Long("bridge") => bridge_flag = true,
+            Long("bridge") => bridge.on = true,
             Long("multiplex") => {
-                bridge.multiplex = true;
-                bridge_only = Some("--multiplex");
+                bridge.options.multiplex = true;
+                bridge.only = Some("--multiplex");
             }
             Long("child-protocol") => {
-                bridge.child_protocol = text(&mut parser)?.parse()?;
-                bridge_only = Some("--child-protocol");
+                bridge.options.child_protocol = text(&mut parser)?.parse()?;
+                bridge.only = Some("--child-protocol");
             }
             Long("cancel-grace-ms") => {
-                bridge.cancel_grace =
+                bridge.options.cancel_grace =
                     Duration::from_millis(number(&mut parser, "--cancel-grace-ms")?);
-                bridge_only = Some("--cancel-grace-ms");
+                bridge.only = Some("--cancel-grace-ms");
             }
-            Short('h') | Long("help") => return Ok(Command::Help),
-            Short('V') | Long("version") => return Ok(Command::Version),
+            Short('h') | Long("help") if !matches!(source, Source::File(_)) => {
+                return Ok(Some(Command::Help))
+            }
+            Short('V') | Long("version") if !matches!(source, Source::File(_)) => {
+                return Ok(Some(Command::Version))
+            }
             // Anything else belongs to the one-shot request; a worker takes
             // its requests from the protocol, so there it is a mistake.
             Value(v) if one_shot => options.request_args.push(os_text(v)?),
@@ -192,21 +261,26 @@ pub fn parse(
             other => return Err(other.unexpected().to_string()),
         }
     }
-    // The request is expanded again when it runs; keep literal `@x` literal.
-    options.request_args = argfile::escape(options.request_args);
-    match (bridge_flag, child_command) {
-        (true, Some(command)) if !command.is_empty() => {
-            bridge.command = command;
-            options.bridge = Some(bridge);
-        }
-        (true, _) => return Err("--bridge needs the child's command after `--`".to_owned()),
-        (false, _) => {
-            if let Some(flag) = bridge_only {
-                return Err(format!("{flag} is a bridge option and needs --bridge"));
-            }
-        }
-    }
-    Ok(Command::Run(options))
+    Ok(None)
+}
+
+/// The lines of a `--worker-options` file, one argument each; blank lines
+/// are skipped so a generated file may end with a newline or two.
+fn read_options_file(name: &str, cwd: &Path) -> Result<Vec<String>, String> {
+    let path = cwd.join(name);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "cannot read worker options file '{name}' ({}): {e}",
+            path.display()
+        )
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("worker options file '{name}' is not valid UTF-8"))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// With `--bridge`, everything after the first `--` is the child's command:
@@ -423,5 +497,52 @@ mod tests {
     fn help_and_version() {
         assert_eq!(run(&["--help"], None, Path::new(".")), Ok(Command::Help));
         assert_eq!(run(&["-V"], None, Path::new(".")), Ok(Command::Version));
+    }
+
+    #[test]
+    fn worker_options_file_is_read_with_the_same_parser() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("w.opts"), "--work-ms\n7\n\n--concurrency=3\n").unwrap();
+        match run(
+            &["--worker-options", "w.opts", "--persistent_worker"],
+            None,
+            d.path(),
+        ) {
+            Ok(Command::Run(o)) => {
+                assert_eq!(o.mode, Mode::Bazel);
+                assert_eq!(o.work, Duration::from_millis(7));
+                assert_eq!(o.concurrency, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        // One-shot: the file holds options, never the request.
+        match run(&["--worker-options=w.opts", "out"], None, d.path()) {
+            Ok(Command::Run(o)) => {
+                assert_eq!(o.work, Duration::from_millis(7));
+                assert_eq!(o.request_args, ["out"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn worker_options_file_errors_name_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        for (content, needle) in [
+            ("out\n", "w.opts"),
+            ("--bogus\n", "bogus"),
+            ("--persistent_worker\n", "persistent_worker"),
+            ("--worker-options\nw.opts\n", "worker-options"),
+            ("--concurrency\nmany\n", "many"),
+        ] {
+            std::fs::write(d.path().join("w.opts"), content).unwrap();
+            let e = run(&["--worker-options", "w.opts", "x"], None, d.path()).unwrap_err();
+            assert!(
+                e.contains("w.opts") && e.contains(needle),
+                "{content:?}: {e}"
+            );
+        }
+        let e = run(&["--worker-options", "missing.opts", "x"], None, d.path()).unwrap_err();
+        assert!(e.contains("missing.opts"), "{e}");
     }
 }

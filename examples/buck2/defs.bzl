@@ -10,27 +10,30 @@
 load("@prelude//utils:argfile.bzl", "at_argfile")
 
 def _worker_impl(ctx: AnalysisContext) -> list[Provider]:
-    command = cmd_args(
-        ctx.attrs.binary,
-        "--work-ms",
-        str(ctx.attrs.work_ms),
-        "--concurrency",
-        str(ctx.attrs.concurrency),
+    # The worker's options travel in a file that this rule writes. Buck2 keys
+    # a remote persistent worker (persistentWorkerKey) by the digests of the
+    # artifacts in WorkerInfo.exe only, not by its plain arguments: with the
+    # options as plain flags, workers of every flag set would share one key
+    # and an executor would keep serving a build with workers started with
+    # old flags. As an artifact, each flag set gives a new key. It cannot be
+    # an @file or --flagfile: executors split those off as the request.
+    options = ctx.actions.write(
+        "worker.options",
+        [
+            "--work-ms",
+            str(ctx.attrs.work_ms),
+            "--concurrency",
+            str(ctx.attrs.concurrency),
+        ],
     )
+    command = cmd_args(ctx.attrs.binary, "--worker-options", options)
 
     # Scenario 5: the local worker is the bridge in front of a Bazel-protocol
     # worker, which it starts as `<bridge command> --persistent_worker`. The
     # one-shot form stays the tool's own: it does the same work.
     worker_command = command
     if ctx.attrs.bridge:
-        worker_command = cmd_args(
-            ctx.attrs.binary,
-            "--concurrency",
-            str(ctx.attrs.concurrency),
-            "--bridge",
-            "--",
-            ctx.attrs.bridge,
-        )
+        worker_command = cmd_args(command, "--bridge", "--", ctx.attrs.bridge)
     return [
         DefaultInfo(),
         # The one-shot form, used when the execution platform has workers off.

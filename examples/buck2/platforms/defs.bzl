@@ -21,11 +21,15 @@ def _execution_platform_impl(ctx: AnalysisContext) -> list[Provider]:
             remote_cache_enabled = True,
             allow_cache_uploads = False,
             use_persistent_workers = False,
+            # Remote workers get one request at a time: four actions at
+            # once mean four workers; `concurrency` matters only locally.
             use_bazel_protocol_remote_persistent_workers = ctx.attrs.persistent_workers,
             remote_execution_properties = {
                 "OSFamily": "Linux",
                 # The image that holds `persistent-worker` on PATH.
                 "container-image": ctx.attrs.container_image,
+                # Makes the workspace writable for non-root users; actions
+                # run as the image's user (uid 65532, see ci/image.sh).
                 "nonroot-workspace": True,
                 # Keep the runner, and with it the worker process, between
                 # actions: remote persistent workers need this.

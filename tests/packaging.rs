@@ -1,0 +1,97 @@
+//! The Nix image (flake.nix, not buildable here) must stay the image that
+//! ci/image.sh builds and ci/image-test.sh runs: same binary path, contents
+//! and user. Both are read as text, since neither can be evaluated here.
+
+use std::fs;
+use std::path::Path;
+
+fn read(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// The value of the first `NAME=VALUE` shell assignment.
+fn shell_var(script: &str, name: &str) -> String {
+    let prefix = format!("{name}=");
+    script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name}= in ci/image.sh"))
+        .to_owned()
+}
+
+/// The quoted value of the first `NAME = "VALUE";` Nix binding.
+fn nix_string(flake: &str, name: &str) -> String {
+    let prefix = format!("{name} = \"");
+    flake
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no {name} = \"...\" in flake.nix"))
+        .to_owned()
+}
+
+#[test]
+fn flake_image_matches_ci_image() {
+    let script = read("ci/image.sh");
+    let flake = read("flake.nix");
+
+    let (user, uid) = (shell_var(&script, "user"), shell_var(&script, "uid"));
+    assert_eq!(nix_string(&flake, "user"), user);
+    assert_eq!(nix_string(&flake, "uid"), uid);
+    assert!(script.contains("--config.user \"$uid:$uid\""));
+    assert!(flake.contains("User = \"${uid}:${uid}\";"));
+
+    // passwd and group lines, in the same shape.
+    assert!(script
+        .contains("'%s:x:%s:%s:%s:/tmp:/sbin/nologin\\n' \"$user\" \"$uid\" \"$uid\" \"$user\""));
+    assert!(flake.contains("\"${user}:x:${uid}:${uid}:${user}:/tmp:/sbin/nologin\\n\""));
+    assert!(script.contains("'%s:x:%s:\\n' \"$user\" \"$uid\""));
+    assert!(flake.contains("\"${user}:x:${uid}:\\n\""));
+
+    let binary = "usr/local/bin/persistent-worker";
+    assert!(script.contains(&format!("install -m 0755 \"$binary\" \"$root/{binary}\"")));
+    assert!(flake.contains(&format!(
+        "install -m 0755 ${{staticWorker}}/bin/persistent-worker {binary}"
+    )));
+    assert!(script.contains("install -d -m 1777 \"$root/tmp\""));
+    assert!(flake.contains("install -d -m 1777 tmp"));
+
+    assert!(script.contains("--config.env PATH=/usr/local/bin"));
+    assert!(flake.contains("Env = [ \"PATH=/usr/local/bin\" ];"));
+    assert!(script.contains("--config.workingdir /tmp"));
+    assert!(flake.contains("WorkingDir = \"/tmp\";"));
+
+    // Nothing else goes in: the script installs exactly these into the root.
+    let installs: Vec<&str> = script.lines().filter(|l| l.contains("\"$root/")).collect();
+    assert_eq!(installs.len(), 6, "{installs:#?}");
+    assert_eq!(flake.matches("writeTextDir").count(), 2);
+}
+
+#[test]
+fn envrc_loads_the_flake_then_private_settings() {
+    for (path, flake) in [
+        (".envrc", "use flake"),
+        ("examples/buck2/.envrc", "use flake ../.."),
+    ] {
+        let lines: Vec<String> = read(path)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            lines,
+            [flake, "source_env_if_exists .envrc.private"],
+            "{path}"
+        );
+    }
+    for ignore in [".gitignore", "examples/buck2/.gitignore"] {
+        let text = read(ignore);
+        assert!(
+            text.lines().any(|l| l.trim() == ".envrc.private"),
+            "{ignore}"
+        );
+        assert!(text.lines().any(|l| l.trim() == ".direnv"), "{ignore}");
+    }
+}
