@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 triple=x86_64-unknown-linux-gnu
+mkdir -p target
 # RUSTFLAGS with --target reaches only the target's crates, not build scripts.
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --target "$triple" --bin persistent-worker --bin worker-client 2>&1 |

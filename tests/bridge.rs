@@ -141,9 +141,17 @@ impl Bridge {
     }
 
     fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
-        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-            return line.clone();
+        self.expect_lines(needle, 1, limit)
+    }
+
+    /// Waits until `count` lines of stderr contain `needle`; returns the last.
+    fn expect_lines(&mut self, needle: &str, count: usize, limit: Duration) -> String {
+        let mut seen: Vec<&String> = self.log.iter().filter(|l| l.contains(needle)).collect();
+        if seen.len() >= count {
+            return seen[count - 1].clone();
         }
+        let mut found = seen.len();
+        seen.clear();
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -151,11 +159,14 @@ impl Bridge {
                 Ok(line) => {
                     self.log.push(line.clone());
                     if line.contains(needle) {
-                        return line;
+                        found += 1;
+                        if found == count {
+                            return line;
+                        }
                     }
                 }
                 Err(e) => panic!(
-                    "no stderr line containing {needle:?} ({e:?}); stderr so far:\n{}",
+                    "{found} of {count} stderr lines containing {needle:?} ({e:?}); stderr so far:\n{}",
                     self.log.join("\n")
                 ),
             }
@@ -617,6 +628,8 @@ fn sigterm_lets_requests_in_flight_finish_then_ends_the_children() {
             .collect();
         bridge.expect_line("Execute #0 started", Duration::from_secs(10));
         bridge.expect_line("Execute #1 started", Duration::from_secs(10));
+        // Children start lazily, after the request's "started" line.
+        bridge.expect_lines("bridge: started child pid", 2, Duration::from_secs(10));
         assert_eq!(bridge.children().len(), 2);
         bridge.signal(libc::SIGTERM);
         for call in calls {
