@@ -44,7 +44,7 @@ row() {
   local file
   file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').json"
   printf '%-40s' "$name" >&2
-  if ! "$client" "$@" --json-out "$file" >"$file.txt" 2>"$file.err"; then
+  if ! "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; then
     echo " FAILED" >&2
     cat "$file.txt" "$file.err" >&2
     exit 1
