@@ -1,49 +1,171 @@
 #!/usr/bin/env bash
-# Throughput and latency of every front end, measured with worker-client
-# against the release build, in one run so the figures can be compared.
-# Usage: ci/bench.sh [REQUESTS]      (default 10000)
+# The worker against its floors, in one run: every front end through
+# worker-client, the floors (examples/bench_floor_*, a static "hello" for the
+# process floor) through the same client, then start-up, memory and size
+# scaling. Prints one table and writes target/bench/results.json (a list of
+# rows: row, p50_us, p99_us, requests_per_s, and floor / ratio_to_floor where
+# the row has a floor).
+# Usage: ci/bench.sh [REQUESTS]      (default 10000 per latency row)
+# BENCH_PROFILE=debug measures the debug build instead: meaningless figures,
+# but a quick check (CI) that every row still runs, without a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-10000}
-cargo build --release --quiet --bins
+profile=${BENCH_PROFILE:-release}
 root=$PWD
-client="$root/target/release/worker-client"
-worker="$root/target/release/persistent-worker"
+if [[ $profile == release ]]; then
+  cargo build --release --quiet --bins --examples
+else
+  cargo build --quiet --bins --examples
+fi
+release="$root/target/$profile"
+client="$release/worker-client"
+worker="$release/persistent-worker"
+out="$root/target/bench"
+rm -rf "$out/raw"
+mkdir -p "$out/raw"
+rows="$out/raw/rows.tsv"
+: >"$rows"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-# Each request writes its own small file, as the demo tool does.
-# Usage: bench MODE [MODE OPTIONS] -- WORKER...
-bench() {
-  local mode=$1
-  shift
-  "$client" "$mode" --bench --requests "$requests" --request 'out-{n}.txt' "$@" | tail -n 1
+# Start-up and memory rows use fixed counts so that REQUESTS only scales the
+# latency rows; a reduced run (CI) caps the long ones.
+min() { if (("$1" < "$2")); then echo "$1"; else echo "$2"; fi; }
+starts=20
+long=$((requests >= 10000 ? 100000 : requests * 10))
+
+# Usage: row NAME FLOOR KIND WORKER-CLIENT-ARGS...
+# KIND is latency, startup, memory or size:SECTION:BYTES. FLOOR is '-' for none.
+row() {
+  local name=$1 floor=$2 kind=$3
+  shift 3
+  local file
+  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').json"
+  printf '%-40s' "$name" >&2
+  if ! "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; then
+    echo " FAILED" >&2
+    cat "$file.txt" "$file.err" >&2
+    exit 1
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$floor" "$kind" "$file" >>"$rows"
+  echo " ok" >&2
 }
 
-echo "worker: $worker ($requests requests per row; the demo tool writes one file per request)"
-"$client" bazel --bench --requests 1 --request warm -- "$worker" | sed -n 2p
-bench bazel -- "$worker"
-bench bazel --concurrency 4 -- "$worker" --concurrency 4
-bench bazel --json -- "$worker" --worker-protocol json
-echo out-remote.txt > remote.args
-"$client" remote --bench --requests "$requests" -- "$worker" @remote.args | tail -n 1
-bench buck2 -- "$worker"
-bench buck2 --concurrency 4 -- "$worker" --concurrency 4
-bench buck2 --concurrency 16 -- "$worker" --concurrency 16
-bench buck2 --stream --concurrency 16 -- "$worker" --concurrency 16
-# The bridge in front of the same worker run as a Bazel-protocol child
-# (compare with the direct buck2 rows above: the difference is the bridge).
-echo "bridge: buck2 Execute -> persistent-worker --bridge -> persistent-worker --persistent_worker"
-bench buck2 -- "$worker" --concurrency 1 --bridge -- "$worker"
-bench buck2 --concurrency 4 -- "$worker" --concurrency 4 --bridge -- "$worker"
+# Usage: spawn_row NAME FLOOR RUNS PROGRAM [ARGS...]
+spawn_row() {
+  local name=$1 floor=$2 runs=$3
+  shift 3
+  local file
+  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').json"
+  printf '%-40s' "$name" >&2
+  "$release/examples/bench_spawn" "$runs" "$file" "$@" >/dev/null
+  printf '%s\t%s\t%s\t%s\n' "$name" "$floor" latency "$file" >>"$rows"
+  echo " ok" >&2
+}
 
-echo
-echo "one-shot, the same request as a process start each (200 runs):"
-for i in $(seq 1 200); do
-  t0=$(date +%s%N)
-  "$worker" "oneshot-$i.txt" 2>/dev/null
-  echo $(($(date +%s%N) - t0))
-done | sort -n | awk -v n="$requests" '
-  { t[NR] = $1 }
-  END { p50 = t[int(NR / 2)] / 1e6; printf "  p50 %.3f ms per run; %d requests that way: %.1f s\n", p50, n, p50 * n / 1000 }'
+floor_pipe="$release/examples/bench_floor_pipe"
+floor_proto="$release/examples/bench_floor_proto"
+floor_grpc="$release/examples/bench_floor_grpc"
+noop=(--request --noop)
+write=(--request 'out-{n}.txt')
+n=(--requests "$requests")
+
+# The process floor: a static binary that prints "hello" and exits.
+printf '#include <unistd.h>\nint main(void){return write(1,"hello\\n",6)!=6;}\n' >hello.c
+cc -O2 -static -o hello hello.c
+
+echo "floors" >&2
+row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
+row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
+for c in 4 16 64; do
+  row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
+done
+for c in 1 4 16; do
+  row "floor grpc unary c$c" - latency buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
+done
+for c in 16 64; do
+  row "floor grpc bidi $c" - latency buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
+done
+spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
+
+echo "worker" >&2
+row "bazel proto singleplex noop" "floor proto" latency bazel "${n[@]}" "${noop[@]}" -- "$worker"
+row "bazel proto singleplex write" "floor proto" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
+row "bazel json singleplex noop" "bazel proto singleplex noop" latency \
+  bazel "${n[@]}" --json "${noop[@]}" -- "$worker" --worker-protocol json
+row "bazel json singleplex write" "bazel proto singleplex write" latency \
+  bazel "${n[@]}" --json "${write[@]}" -- "$worker" --worker-protocol json
+row "bazel proto multiplex 1 write" "floor proto" latency \
+  bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
+for c in 4 16 64; do
+  row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
+    bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"
+done
+echo out-remote.txt >remote.args
+row "remote proto write" "floor proto" latency remote "${n[@]}" -- "$worker" @remote.args
+for c in 1 4 16; do
+  row "buck2 Execute c$c" "floor grpc unary c$c" latency \
+    buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
+done
+row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
+for c in 16 64; do
+  row "buck2 ExecuteStream $c" "floor grpc bidi $c" latency \
+    buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
+done
+# The bridge in front of this same worker run as a Bazel-protocol child: its
+# "floor" is the direct row, so the ratio is what the bridge adds.
+for c in 1 4; do
+  row "bridge buck2 Execute c$c" "buck2 Execute c$c" latency \
+    buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c" --bridge -- "$worker"
+done
+spawn_row "oneshot write" "floor process" "$(min "$requests" 1000)" "$worker" oneshot-out.txt
+
+echo "start-up (median of $starts)" >&2
+row "start-up bazel to first response" - startup \
+  bazel --requests 1 --startup-runs "$starts" "${noop[@]}" -- "$worker"
+row "start-up floor proto to first response" - startup \
+  bazel --requests 1 --startup-runs "$starts" "${noop[@]}" -- "$floor_proto"
+row "start-up buck2 to accepting" "start-up floor grpc to accepting" startup \
+  buck2 --requests 1 --startup-runs "$starts" "${noop[@]}" -- "$worker"
+row "start-up floor grpc to accepting" - startup \
+  buck2 --requests 1 --startup-runs "$starts" "${noop[@]}" -- "$floor_grpc"
+
+echo "memory" >&2
+for count in 1000 "$long"; do
+  row "memory bazel after $count" - memory bazel --requests "$count" "${noop[@]}" -- "$worker"
+  row "memory buck2 after $count" - memory buck2 --requests "$count" "${noop[@]}" -- "$worker"
+done
+
+echo "size scaling" >&2
+# A request file whose one request is --noop plus 1 KiB arguments up to SIZE.
+padded() {
+  python3 -c 'import sys
+size = int(sys.argv[1]); head = sys.argv[2:]
+print(" ".join(head + ["a" * 1023] * max(1, size // 1024)))' "$@"
+}
+for kib in 1 64 1024 16384; do
+  bytes=$((kib * 1024))
+  count=$(min "$requests" $((kib <= 64 ? 1000 : kib <= 1024 ? 50 : 8)))
+  padded "$bytes" --noop >"req-$kib"
+  padded 1024 --noop --reply-bytes "$bytes" >"reply-$kib"
+  padded "$bytes" >"echo-$kib"
+  sized=(--requests "$count" --timeout-ms 120000)
+  row "size floor pipe ${kib} KiB" - "size:floor pipe:$bytes" \
+    bazel "${sized[@]}" --requests-file "echo-$kib" -- "$floor_pipe"
+  row "size floor grpc ${kib} KiB" - "size:floor grpc:$bytes" \
+    buck2 "${sized[@]}" --requests-file "echo-$kib" -- "$floor_grpc"
+  row "size bazel request ${kib} KiB" - "size:bazel request:$bytes" \
+    bazel "${sized[@]}" --requests-file "req-$kib" -- "$worker"
+  row "size bazel response ${kib} KiB" - "size:bazel response:$bytes" \
+    bazel "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
+  row "size buck2 request ${kib} KiB" - "size:buck2 request:$bytes" \
+    buck2 "${sized[@]}" --requests-file "req-$kib" -- "$worker"
+  row "size buck2 response ${kib} KiB" - "size:buck2 response:$bytes" \
+    buck2 "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
+done
+
+cd "$root"
+python3 ci/bench_report.py "$rows" "$out/results.json" \
+  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row"

@@ -7,6 +7,10 @@
 //! survive a misbehaving tool: `--panic` and `--print-stdout TEXT`.
 //! `--print-env NAME` reports a variable of the request's env (Buck2 sends
 //! env per request), so a client can see it arrived.
+//!
+//! `--noop [--reply-bytes N] [ANY...]` is for benchmarks: it answers at once,
+//! writes nothing and ignores the arguments after it (they are padding that
+//! sets the request's size); `--reply-bytes N` sets the response's size.
 
 use std::io::Write;
 use std::path::Path;
@@ -17,9 +21,11 @@ use crate::request::{Handler, Request, Response};
 
 pub const USAGE: &str =
     "usage: [--work-ms N] [--busy-ms N] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
+       --noop [--reply-bytes N] [ANY...]
 writes the file name of OUTFILE and a newline to OUTFILE;
 --print-env NAME adds NAME=VALUE from the request's env to the message;
---busy-ms N works N ms without heeding cancellation, like a tool that cannot be stopped\n";
+--busy-ms N works N ms without heeding cancellation, like a tool that cannot be stopped;
+--noop answers at once with N bytes of output (default none), ignoring ANY\n";
 
 /// The demo tool with its start-up configuration.
 #[derive(Debug, Clone, Default)]
@@ -88,8 +94,29 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
     Ok(parsed)
 }
 
+/// The benchmark request: `Some` if `args` start with `--noop`.
+fn noop(args: &[String]) -> Option<Result<Response, String>> {
+    if args.first().map(String::as_str) != Some("--noop") {
+        return None;
+    }
+    let bytes = match args.get(1).map(String::as_str) {
+        Some("--reply-bytes") => match args.get(2).map(|n| n.parse::<usize>()) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Some(Err(format!("--reply-bytes: {e}"))),
+            None => return Some(Err("--reply-bytes needs a number".to_owned())),
+        },
+        _ => 0,
+    };
+    Some(Ok(Response::ok("x".repeat(bytes))))
+}
+
 impl Handler for Demo {
     fn handle(&self, request: &Request) -> Response {
+        match noop(&request.args) {
+            Some(Ok(response)) => return response,
+            Some(Err(e)) => return Response::error(2, format!("demo: {e}\n{USAGE}")),
+            None => {}
+        }
         let args = match parse(&request.args) {
             Ok(args) => args,
             // The message may quote an argument, which may be megabytes long.
@@ -204,6 +231,20 @@ mod tests {
             "{}",
             response.output
         );
+    }
+
+    #[test]
+    fn noop_writes_nothing_ignores_padding_and_sizes_its_reply() {
+        let d = tempfile::tempdir().unwrap();
+        let response = run(&["--noop", "pad", "out.txt"], d.path());
+        assert_eq!(response.exit_code, 0, "{}", response.output);
+        assert!(response.output.is_empty(), "{}", response.output);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        let response = run(&["--noop", "--reply-bytes", "1000", "pad"], d.path());
+        assert_eq!(response.exit_code, 0, "{}", response.output);
+        assert_eq!(response.output, "x".repeat(1000));
+        let response = run(&["--noop", "--reply-bytes", "many"], d.path());
+        assert_eq!(response.exit_code, 2, "{}", response.output);
     }
 
     #[test]

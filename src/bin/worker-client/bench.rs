@@ -26,17 +26,81 @@ pub struct Measurement {
     pub failed: usize,
     /// The output of one failed request, to show why.
     pub first_failure: Option<String>,
+    /// The worker's memory after the warm-up request and after the timed
+    /// requests, when its `/proc` entry could be read.
+    pub memory: Option<MemoryFigures>,
+    /// Start-up times of the extra starts asked for with `--startup-runs`.
+    pub starts: Vec<Duration>,
+}
+
+/// Resident and anonymous (private, not file-backed) memory of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub anon_kib: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryFigures {
+    pub idle: Memory,
+    pub after: Memory,
+    /// Peak resident set over the worker's life (`VmHWM`).
+    pub peak_rss_kib: u64,
+}
+
+/// Reads `/proc/PID/smaps_rollup`; `None` where there is no such file.
+pub fn memory(pid: u32) -> Option<Memory> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    Some(Memory {
+        rss_kib: kib_field(&text, "Rss:")?,
+        anon_kib: kib_field(&text, "Anonymous:")?,
+    })
+}
+
+/// The peak resident set (`VmHWM` of `/proc/PID/status`).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    kib_field(&text, "VmHWM:")
+}
+
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Memory figures for a worker: `idle` read earlier, the rest now.
+pub fn memory_now(pid: u32, idle: Option<Memory>) -> Option<MemoryFigures> {
+    Some(MemoryFigures {
+        idle: idle?,
+        after: memory(pid)?,
+        peak_rss_kib: peak_rss_kib(pid)?,
+    })
 }
 
 pub fn run(options: &Options) -> Result<Outcome, Failure> {
     let Some(bench) = &options.bench else {
         return Err(Failure::Usage("no benchmark options".to_owned()));
     };
-    let m = match options.mode {
+    let mut m = match options.mode {
         Mode::Bazel => stdio_bazel(options, bench.requests)?,
         Mode::Remote => stdio_remote(options, bench.requests)?,
         Mode::Buck2 => buck2::bench(options, bench.requests)?,
     };
+    for _ in 0..bench.startup_runs {
+        let start = match options.mode {
+            Mode::Bazel => stdio_bazel_start(options)?,
+            // Buck2 starts on the critical path end when the socket
+            // accepts: that is when it could take its first request.
+            Mode::Buck2 => buck2::time_to_accepting(options)?,
+            Mode::Remote => {
+                return Err(Failure::Usage(
+                    "--startup-runs applies to bazel and buck2 mode".to_owned(),
+                ))
+            }
+        };
+        m.starts.push(start);
+    }
     print!("{}", table(&m, &options.command));
     if let Some(path) = &bench.json_out {
         std::fs::write(path, json(&m, &options.command))
@@ -87,9 +151,11 @@ fn stdio_bazel(options: &Options, requests: usize) -> Result<Measurement, Failur
         mut worker,
         startup,
     } = warm_up(worker, &all)?;
+    let idle = memory(worker.pid());
     let start = Instant::now();
     let answers = bazel::drive(&mut worker, &timed, &mut |_| {})?;
     let elapsed = start.elapsed();
+    let memory = memory_now(worker.pid(), idle);
     worker.finish()?;
     let transport = format!(
         "{}{}",
@@ -99,10 +165,28 @@ fn stdio_bazel(options: &Options, requests: usize) -> Result<Measurement, Failur
     let mut m = Measurement::new(Mode::Bazel, &transport, c);
     m.startup = startup;
     m.elapsed = elapsed;
+    m.memory = memory;
     for a in &answers {
         m.record(a.latency, a.response.exit_code, &a.response.output);
     }
     Ok(m)
+}
+
+/// One more start of the worker: spawn to the first response.
+fn stdio_bazel_start(options: &Options) -> Result<Duration, Failure> {
+    let multiplex = options.concurrency > 1 || options.multiplex.is_some();
+    let plan = bazel::plan(options, 1, 1, multiplex);
+    let argv = bazel::worker_argv(&options.command);
+    let worker = StdioWorker::spawn(&bazel::Config {
+        argv: &argv,
+        cwd: options.cwd.as_deref(),
+        format: bazel::format_of(options),
+        all_fields: false,
+        echo_stderr: options.worker_stderr,
+    })?;
+    let warm = warm_up(worker, &plan)?;
+    warm.worker.finish()?;
+    Ok(warm.startup)
 }
 
 /// `C` workers, one request at a time each, as `C` executor runners would
@@ -182,6 +266,8 @@ impl Measurement {
             latencies: Vec::new(),
             failed: 0,
             first_failure: None,
+            memory: None,
+            starts: Vec::new(),
         }
     }
 
@@ -222,6 +308,16 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The middle of sorted values (the mean of the two middle ones for an
+/// even count).
+pub fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 pub fn table(m: &Measurement, command: &[String]) -> String {
     let ms = m.sorted_ms();
     let row = [
@@ -234,6 +330,7 @@ pub fn table(m: &Measurement, command: &[String]) -> String {
         format!("{:.3}", percentile(&ms, 50.0)),
         format!("{:.3}", percentile(&ms, 90.0)),
         format!("{:.3}", percentile(&ms, 99.0)),
+        format!("{:.3}", percentile(&ms, 99.9)),
         m.failed.to_string(),
     ];
     let header = [
@@ -246,6 +343,7 @@ pub fn table(m: &Measurement, command: &[String]) -> String {
         "p50 ms",
         "p90 ms",
         "p99 ms",
+        "p99.9 ms",
         "failed",
     ];
     let mut out = format!("worker: {}\n", child::show_command(command));
@@ -298,11 +396,30 @@ pub fn json(m: &Measurement, command: &[String]) -> String {
         ms.iter().sum::<f64>() / ms.len() as f64
     };
     let command: Vec<String> = command.iter().map(|a| json_string(a)).collect();
+    let memory = match &m.memory {
+        Some(f) => format!(
+            ",\n  \"memory_kib\": {{\"idle_rss\": {}, \"idle_anon\": {}, \"after_rss\": {}, \
+             \"after_anon\": {}, \"peak_rss\": {}}}",
+            f.idle.rss_kib, f.idle.anon_kib, f.after.rss_kib, f.after.anon_kib, f.peak_rss_kib
+        ),
+        None => String::new(),
+    };
+    let starts = if m.starts.is_empty() {
+        String::new()
+    } else {
+        let mut ms: Vec<f64> = m.starts.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        format!(
+            ",\n  \"startup_runs\": {},\n  \"startup_median_ms\": {}",
+            ms.len(),
+            json_number(median(&ms))
+        )
+    };
     format!(
         "{{\n  \"mode\": {},\n  \"protocol\": {},\n  \"worker\": [{}],\n  \"requests\": {},\n  \
          \"concurrency\": {},\n  \"failed\": {},\n  \"startup_ms\": {},\n  \"elapsed_ms\": {},\n  \
          \"throughput_per_s\": {},\n  \"latency_ms\": {{\"min\": {}, \"mean\": {}, \"p50\": {}, \
-         \"p90\": {}, \"p99\": {}, \"max\": {}}}\n}}\n",
+         \"p90\": {}, \"p99\": {}, \"p999\": {}, \"max\": {}}}{}{}\n}}\n",
         json_string(m.mode.name()),
         json_string(&m.transport),
         command.join(", "),
@@ -317,7 +434,10 @@ pub fn json(m: &Measurement, command: &[String]) -> String {
         json_number(percentile(&ms, 50.0)),
         json_number(percentile(&ms, 90.0)),
         json_number(percentile(&ms, 99.0)),
+        json_number(percentile(&ms, 99.9)),
         json_number(ms.last().copied().unwrap_or(0.0)),
+        memory,
+        starts,
     )
 }
 

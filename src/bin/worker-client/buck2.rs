@@ -550,9 +550,11 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     };
     send_all(&mut worker, &warm, 0, 1, &mut |_| {})?;
     let startup = worker.spawned.elapsed();
+    let idle = crate::bench::memory(worker.child.id());
     let start = Instant::now();
     let answers = send_all(&mut worker, options, 1, requests, &mut |_| {})?;
     let elapsed = start.elapsed();
+    let memory = crate::bench::memory_now(worker.child.id(), idle);
     worker.stop();
     let transport = if options.stream {
         "grpc ExecuteStream"
@@ -562,6 +564,7 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     let mut m = Measurement::new(Mode::Buck2, transport, options.concurrency);
     m.startup = startup;
     m.elapsed = elapsed;
+    m.memory = memory;
     for a in &answers {
         let code = if failed(a) {
             a.response.exit_code.max(1)
@@ -571,4 +574,52 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
         m.record(a.latency, code, &a.response.stderr);
     }
     Ok(m)
+}
+
+/// Spawn to the first successful `connect` on the worker's socket, polled
+/// every 20 µs rather than on Buck2's schedule, which would round every start
+/// up to 50 ms; then the worker is killed.
+pub fn time_to_accepting(options: &Options) -> Result<Duration, Failure> {
+    const POLL: Duration = Duration::from_micros(20);
+    let dir = SocketDir::create()?;
+    let socket = dir.0.join("socket");
+    let (program, args) = options
+        .command
+        .split_first()
+        .ok_or_else(|| Failure::Usage("empty worker command".to_owned()))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("WORKER_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(cwd) = &options.cwd {
+        command.current_dir(cwd);
+    }
+    let spawned = Instant::now();
+    let mut process = child::spawn(command, &options.command)?;
+    let limit = GIVE_UP.min(options.timeout);
+    let result = loop {
+        if UnixStream::connect(&socket).is_ok() {
+            break Ok(spawned.elapsed());
+        }
+        if let Ok(Some(status)) = process.try_wait() {
+            break Err(Failure::Worker(format!(
+                "the worker {} before accepting connections on {}",
+                child::describe(status),
+                socket.display()
+            )));
+        }
+        if spawned.elapsed() >= limit {
+            break Err(Failure::Worker(format!(
+                "the worker did not accept connections on {} within {} ms",
+                socket.display(),
+                limit.as_millis()
+            )));
+        }
+        std::thread::sleep(POLL);
+    };
+    child::kill(&mut process);
+    result
 }

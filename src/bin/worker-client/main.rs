@@ -74,7 +74,12 @@ bench (any mode; measures instead of printing each response):
   --concurrency C       requests in flight (bazel: C > 1 uses multiplex ids;
                         remote: C workers, one request each at a time, as
                         C executor runners; buck2: C concurrent calls)
-  --json-out FILE       also write the results as JSON
+  --json-out FILE       also write the results as JSON (latency percentiles,
+                        throughput, the worker's memory from /proc when
+                        readable)
+  --startup-runs N      then start the worker N more times and report the
+                        median start-up: bazel, spawn to first response;
+                        buck2, spawn to the socket accepting connections
 
 exit status: 0 all requests succeeded; 1 some request failed (non-zero exit
 code); 2 usage error; 3 the worker failed: it exited early, did not answer in
@@ -119,6 +124,7 @@ impl Mode {
 pub struct BenchOptions {
     pub requests: usize,
     pub json_out: Option<PathBuf>,
+    pub startup_runs: usize,
 }
 
 /// Everything from the command line.
@@ -227,6 +233,7 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
     let mut bench = false;
     let mut bench_requests = 1000;
     let mut json_out = None;
+    let mut startup_runs = 0;
     let only = |allowed: &[Mode], flag: &str| -> Result<(), String> {
         if allowed.contains(&mode) {
             Ok(())
@@ -309,6 +316,10 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
                 bench = true;
                 json_out = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
             }
+            Long("startup-runs") => {
+                bench = true;
+                startup_runs = positive(&mut parser, "--startup-runs")?;
+            }
             Short('h') | Long("help") => return Ok(None),
             // After `--` (or at the first positional) everything is the
             // worker's, including options that look like ours.
@@ -338,6 +349,7 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         o.bench = Some(BenchOptions {
             requests: bench_requests,
             json_out,
+            startup_runs,
         });
     }
     Ok(Some(o))

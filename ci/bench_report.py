@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Turns the raw figures of ci/bench.sh into one table and results.json.
+
+usage: bench_report.py ROWS.tsv RESULTS.json MACHINE-NOTE
+
+ROWS.tsv has one line per measured row: name, floor row ('-' for none),
+kind (latency, startup, memory, size:SECTION:BYTES) and the JSON file that
+worker-client (or bench_spawn) wrote for it.
+"""
+
+import json
+import sys
+
+MIB = 1 << 20
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fit_slope(points):
+    """Least-squares slope of (x, y) points."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    if var == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in points) / var
+
+
+def main():
+    rows_tsv, results_path, machine = sys.argv[1], sys.argv[2], sys.argv[3]
+    rows = []
+    by_name = {}
+    sizes = {}
+    memory = []
+    with open(rows_tsv) as f:
+        lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    for name, floor, kind, path in lines:
+        raw = load(path)
+        lat = raw.get("latency_ms", {})
+        row = {
+            "row": name,
+            "p50_us": None,
+            "p99_us": None,
+            "p999_us": None,
+            "requests_per_s": None,
+        }
+        if kind == "startup":
+            row["p50_us"] = raw["startup_median_ms"] * 1000
+            row["runs"] = raw["startup_runs"]
+        elif kind != "memory":
+            row["p50_us"] = lat["p50"] * 1000
+            row["p99_us"] = lat["p99"] * 1000
+            row["p999_us"] = lat.get("p999", 0) * 1000
+            row["requests_per_s"] = raw["throughput_per_s"]
+            row["requests"] = raw["requests"]
+        if floor != "-":
+            row["floor"] = floor
+        if kind.startswith("size:"):
+            _, section, size = kind.split(":")
+            row["size_bytes"] = int(size)
+            sizes.setdefault(section, []).append((int(size) / MIB, row["p50_us"]))
+        mem = raw.get("memory_kib")
+        if kind == "memory" and mem:
+            memory.append((name, raw, mem))
+        elif mem:
+            row["peak_rss_kib"] = mem["peak_rss"]
+        if kind != "memory":
+            rows.append(row)
+            by_name[name] = row
+
+    # Memory: idle from the shortest run of each mode, then after each count.
+    seen_idle = set()
+    for name, raw, mem in memory:
+        mode = raw["mode"]
+        if mode not in seen_idle:
+            seen_idle.add(mode)
+            rows.append(memory_row(f"memory {mode} idle", mem["idle_rss"], mem["idle_anon"]))
+        rows.append(memory_row(name, mem["after_rss"], mem["after_anon"]))
+    for mode in ("bazel", "buck2"):
+        big = by_name.get(f"size {mode} request 16384 KiB")
+        if big and "peak_rss_kib" in big:
+            peak = memory_row(f"memory {mode} peak with a 16 MiB request", None, None)
+            peak["peak_rss_kib"] = big["peak_rss_kib"]
+            rows.append(peak)
+
+    # Size scaling: fitted cost per MiB, against one direction of a pipe copy
+    # (the pipe floor echoes, so it moves every byte twice).
+    slopes = {section: fit_slope(points) for section, points in sizes.items()}
+    pipe = slopes.get("floor pipe")
+    pipe_one_way = pipe / 2 if pipe else None
+    if pipe_one_way:
+        rows.append(cost_row("pipe copy cost per MiB", pipe_one_way, None))
+    grpc = slopes.get("floor grpc")
+    if grpc:
+        rows.append(cost_row("floor grpc echo cost per MiB", grpc, None))
+    for section in ("bazel request", "bazel response", "buck2 request", "buck2 response"):
+        if slopes.get(section) is not None:
+            rows.append(cost_row(f"{section} cost per MiB", slopes[section], pipe_one_way))
+
+    for row in rows:
+        floor = by_name.get(row.get("floor", ""))
+        if floor and row["p50_us"] and floor["p50_us"]:
+            row["ratio_to_floor"] = row["p50_us"] / floor["p50_us"]
+            if row["requests_per_s"] and floor["requests_per_s"]:
+                row["throughput_to_floor"] = row["requests_per_s"] / floor["requests_per_s"]
+
+    with open(results_path, "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    print_table(rows, machine)
+    print_targets(by_name, rows)
+    print(f"\nwritten: {results_path}")
+
+
+def memory_row(name, rss, anon):
+    return {
+        "row": name,
+        "p50_us": None,
+        "p99_us": None,
+        "requests_per_s": None,
+        "rss_kib": rss,
+        "anon_kib": anon,
+    }
+
+
+def cost_row(name, us_per_mib, floor_us_per_mib):
+    row = {"row": name, "p50_us": None, "p99_us": None, "requests_per_s": None}
+    row["us_per_mib"] = us_per_mib
+    if floor_us_per_mib:
+        row["floor"] = "pipe copy cost per MiB"
+        row["ratio_to_floor"] = us_per_mib / floor_us_per_mib
+    return row
+
+
+def num(x, fmt="{:.1f}"):
+    return "" if x is None else fmt.format(x)
+
+
+def print_table(rows, machine):
+    print(f"machine: {machine}")
+    header = ["row", "p50 µs", "p99 µs", "p99.9 µs", "req/s", "floor", "×floor"]
+    table = [header]
+    extra = []
+    for r in rows:
+        if "rss_kib" in r or "peak_rss_kib" in r and r["p50_us"] is None:
+            rss = r.get("rss_kib")
+            text = (
+                f"RSS {rss / 1024:.2f} MiB, anonymous {r['anon_kib'] / 1024:.2f} MiB"
+                if rss is not None
+                else f"peak RSS {r['peak_rss_kib'] / 1024:.1f} MiB"
+            )
+            extra.append(f"  {r['row']:<44} {text}")
+            continue
+        if "us_per_mib" in r:
+            ratio = num(r.get("ratio_to_floor"), "{:.2f}")
+            extra.append(
+                f"  {r['row']:<44} {r['us_per_mib']:.0f} µs/MiB"
+                + (f" ({ratio}× the pipe copy)" if ratio else "")
+            )
+            continue
+        table.append(
+            [
+                r["row"],
+                num(r["p50_us"]),
+                num(r["p99_us"]),
+                num(r.get("p999_us")),
+                num(r["requests_per_s"], "{:.0f}"),
+                r.get("floor", ""),
+                num(r.get("ratio_to_floor"), "{:.2f}"),
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    for line in table:
+        cells = [
+            str(c).ljust(w) if i in (0, 5) else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths))
+        ]
+        print("  ".join(cells).rstrip())
+    print()
+    for line in extra:
+        print(line)
+
+
+def print_targets(by_name, rows):
+    def p50(name):
+        r = by_name.get(name)
+        return r["p50_us"] if r else None
+
+    def rps(name):
+        r = by_name.get(name)
+        return r["requests_per_s"] if r else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    memo = {r["row"]: r for r in rows}
+    checks = [
+        ("Bazel proto no-op ≤ 1.5× protobuf floor (p50)",
+         ratio(p50("bazel proto singleplex noop"), p50("floor proto")), "<=", 1.5),
+        ("Bazel JSON no-op ≤ 1.5× proto no-op (p50)",
+         ratio(p50("bazel json singleplex noop"), p50("bazel proto singleplex noop")), "<=", 1.5),
+        ("Buck2 Execute no-op ≤ 1.2× gRPC floor (p50)",
+         ratio(p50("buck2 Execute c1"), p50("floor grpc unary c1")), "<=", 1.2),
+        ("ExecuteStream 16 throughput ≥ 0.9× streaming floor",
+         ratio(rps("buck2 ExecuteStream 16"), rps("floor grpc bidi 16")), ">=", 0.9),
+        ("ExecuteStream 64 throughput ≥ 0.9× streaming floor",
+         ratio(rps("buck2 ExecuteStream 64"), rps("floor grpc bidi 64")), ">=", 0.9),
+        ("Multiplex 4 throughput ≥ 1.8× singleplex (file write)",
+         ratio(rps("bazel proto multiplex 4 write"), rps("bazel proto singleplex write")), ">=", 1.8),
+        ("Start-up to first Bazel response ≤ 1500 µs",
+         p50("start-up bazel to first response"), "<=", 1500),
+        ("Start-up to accepting ≤ gRPC floor's + 500 µs (difference, µs)",
+         None if p50("start-up buck2 to accepting") is None
+         else p50("start-up buck2 to accepting") - p50("start-up floor grpc to accepting"), "<=", 500),
+    ]
+    for mode, anon_max in (("bazel", 1024), ("buck2", 2048)):
+        idle = memo.get(f"memory {mode} idle")
+        if idle:
+            checks.append((f"{mode} idle anonymous ≤ {anon_max} KiB", idle["anon_kib"], "<=", anon_max))
+            checks.append((f"{mode} idle RSS ≤ 5120 KiB", idle["rss_kib"], "<=", 5120))
+        afters = sorted(
+            (int(r["row"].rsplit(" ", 1)[1]), r)
+            for r in rows
+            if r["row"].startswith(f"memory {mode} after ")
+        )
+        if len(afters) >= 2:
+            growth = afters[-1][1]["anon_kib"] - afters[0][1]["anon_kib"]
+            checks.append(
+                (f"{mode} anonymous growth {afters[0][0]} → {afters[-1][0]} requests ≤ 256 KiB",
+                 growth, "<=", 256)
+            )
+    for r in rows:
+        if r["row"].endswith("cost per MiB") and "ratio_to_floor" in r:
+            checks.append((f"{r['row']} ≤ 3× pipe copy", r["ratio_to_floor"], "<=", 3.0))
+    print("\ntargets:")
+    for label, value, op, limit in checks:
+        if value is None:
+            print(f"  n/a   {label}")
+            continue
+        ok = value <= limit if op == "<=" else value >= limit
+        print(f"  {'met ' if ok else 'MISS'}  {label}: {value:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+//! Benchmark floor for the Buck2 protocol's transport: a grpcio server (the
+//! worker's grpcio version, features and channel settings) on the Unix socket
+//! named by `WORKER_SOCKET`, whose methods echo their input as raw bytes:
+//!
+//! - `/worker.Worker/Execute`, unary: the request comes back as the response;
+//! - `/worker.Worker/Exec`, client-streaming: the first message comes back;
+//! - `/worker.WorkerStreaming/ExecuteStream`, bidi-streaming: every message
+//!   comes back as it arrives.
+//!
+//! No protobuf decoding and no thread beyond gRPC's own. An echoed
+//! `ExecuteCommand` decodes as an `ExecuteResponse` with exit code 0 (argv and
+//! env have wire types that `ExecuteResponse` does not use for those numbers,
+//! so they become unknown fields), and an echoed `ExecuteCommandStream` keeps
+//! its `id`, so the benchmark client drives this floor as it drives the worker.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use futures_util::{FutureExt, SinkExt, TryStreamExt};
+use grpcio::{
+    EnvBuilder, GrpcSlice, Marshaller, MessageReader, Method, MethodType, ServerBuilder,
+    ServerCredentials, ServiceBuilder, WriteFlags,
+};
+
+fn read_bytes(mut reader: MessageReader) -> grpcio::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(reader.len());
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| grpcio::Error::Codec(Box::new(e)))?;
+    Ok(bytes)
+}
+
+// The marshaller's signature fixes `&Vec<u8>`: the message type is `Vec<u8>`.
+#[allow(clippy::ptr_arg)]
+fn write_bytes(bytes: &Vec<u8>, slice: &mut GrpcSlice) -> grpcio::Result<()> {
+    *slice = GrpcSlice::from(&bytes[..]);
+    Ok(())
+}
+
+const fn echo_method(ty: MethodType, name: &'static str) -> Method<Vec<u8>, Vec<u8>> {
+    let bytes = Marshaller {
+        ser: write_bytes,
+        de: read_bytes,
+    };
+    Method {
+        ty,
+        name,
+        req_mar: Marshaller { ..bytes },
+        resp_mar: bytes,
+    }
+}
+
+const UNARY: Method<Vec<u8>, Vec<u8>> = echo_method(MethodType::Unary, "/worker.Worker/Execute");
+const CLIENT_STREAMING: Method<Vec<u8>, Vec<u8>> =
+    echo_method(MethodType::ClientStreaming, "/worker.Worker/Exec");
+const BIDI: Method<Vec<u8>, Vec<u8>> =
+    echo_method(MethodType::Duplex, "/worker.WorkerStreaming/ExecuteStream");
+
+fn main() -> ExitCode {
+    let Some(socket) = std::env::var_os("WORKER_SOCKET") else {
+        eprintln!("bench_floor_grpc: WORKER_SOCKET is not set");
+        return ExitCode::from(2);
+    };
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
+    let service = ServiceBuilder::new()
+        .add_unary_handler(&UNARY, |ctx, request, sink| {
+            ctx.spawn(sink.success(request).map(|_| ()));
+        })
+        .add_client_streaming_handler(&CLIENT_STREAMING, |ctx, mut requests, sink| {
+            ctx.spawn(async move {
+                if let Ok(Some(first)) = requests.try_next().await {
+                    let _ = sink.success(first).await;
+                }
+            });
+        })
+        .add_duplex_streaming_handler(&BIDI, |ctx, requests, mut sink| {
+            ctx.spawn(async move {
+                let mut echoed = requests.map_ok(|m| (m, WriteFlags::default()));
+                let _ = sink.send_all(&mut echoed).await;
+                let _ = sink.close().await;
+            });
+        })
+        .build();
+    let built = ServerBuilder::new(Arc::clone(&env))
+        .channel_args(
+            persistent_worker::buck2::service::unlimited_channel(Arc::clone(&env)).build_args(),
+        )
+        .register_service(service)
+        .build();
+    let mut server = match built {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("bench_floor_grpc: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let uri = format!("unix:{}", socket.to_string_lossy());
+    if let Err(e) = server.add_listening_port(uri.as_str(), ServerCredentials::insecure()) {
+        eprintln!("bench_floor_grpc: cannot listen on {uri}: {e}");
+        return ExitCode::from(2);
+    }
+    server.start();
+    // Serve until killed (the benchmark client ends it with SIGTERM).
+    loop {
+        std::thread::park();
+    }
+}
