@@ -326,7 +326,8 @@ const IDLE_CALLS: usize = 1000;
 fn a_thousand_idle_calls_do_not_stop_another_client_and_are_freed() {
     within(Duration::from_secs(90), || {
         let d = tempfile::tempdir().unwrap();
-        let worker = Worker::start(d.path(), &["--verbose"]);
+        // One pool thread: an idle call must hold no pool slot.
+        let worker = Worker::start(d.path(), &["--verbose", "--concurrency", "1"]);
         let threads_before = worker.proc_count("threads");
         let fds_before = worker.proc_count("fd");
 
