@@ -540,3 +540,54 @@ fn a_client_killed_mid_execute_stream_has_its_requests_cancelled() {
         let _ = wait(Box::pin(btx.close()), SHORT);
     });
 }
+
+#[test]
+fn execute_stream_answers_malformed_commands_by_id_and_goes_on() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let worker = Worker::start(d.path(), &["--concurrency", "2"]);
+        let conn = worker.connect();
+        let (mut tx, mut rx) = conn
+            .client()
+            .duplex_streaming(&EXECUTE_STREAM, opt())
+            .unwrap();
+        // No command at all, then a command with invalid UTF-8 in argv, then
+        // a good one; the stream stays open so every answer must come unasked.
+        let mut missing = ExecuteCommandStream::new();
+        missing.id = 5;
+        let mut bad = stream_command(6, &["--work-ms", "0"]);
+        bad.request
+            .mut_or_insert_default()
+            .argv
+            .push(b"o\xffut".to_vec());
+        let good = stream_command(7, &["good"]);
+        for m in [missing, bad, good] {
+            wait(Box::pin(tx.send((m, WriteFlags::default()))), SHORT).unwrap();
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        while seen.len() < 3 {
+            let message = wait(rx.next(), SHORT)
+                .expect("the stream ended early")
+                .expect("a response");
+            let response = message.response.into_option().expect("a response");
+            assert!(
+                seen.insert(message.id, response).is_none(),
+                "id {} answered twice",
+                message.id
+            );
+        }
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(seen[&5].exit_code, 2, "{}", seen[&5].stderr);
+        assert!(seen[&5].stderr.contains("got 0"), "{}", seen[&5].stderr);
+        assert_eq!(seen[&6].exit_code, 2, "{}", seen[&6].stderr);
+        assert!(
+            seen[&6].stderr.contains("argument 2"),
+            "{}",
+            seen[&6].stderr
+        );
+        assert_eq!(seen[&7].exit_code, 0, "{}", seen[&7].stderr);
+        assert!(d.path().join("good").exists());
+        drop(tx);
+        drop(rx);
+    });
+}
