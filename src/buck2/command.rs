@@ -76,4 +76,29 @@ mod tests {
         let e = to_request(command(&[b"ok", b"bad\xff"]), Path::new(".")).unwrap_err();
         assert!(e.contains("argument 1"), "{e}");
     }
+
+    #[test]
+    fn invalid_utf8_in_env_names_the_variable() {
+        let entry = |key: &[u8], value: &[u8]| {
+            let mut e = EnvironmentEntry::new();
+            e.key = key.to_vec();
+            e.value = value.to_vec();
+            e
+        };
+        let mut c = command(&[b"out"]);
+        c.env.push(entry(b"K\xff", b"v"));
+        let e = to_request(c, Path::new(".")).unwrap_err();
+        assert!(e.contains("environment variable name"), "{e}");
+        let mut c = command(&[b"out"]);
+        c.env.push(entry(b"GOOD", b"\xc3"));
+        let e = to_request(c, Path::new(".")).unwrap_err();
+        assert!(e.contains("value of environment variable GOOD"), "{e}");
+    }
+
+    #[test]
+    fn empty_argv_is_an_empty_request() {
+        let (request, timeout) = to_request(ExecuteCommand::new(), Path::new(".")).unwrap();
+        assert!(request.args.is_empty());
+        assert_eq!(timeout, None);
+    }
 }
