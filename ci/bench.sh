@@ -6,6 +6,7 @@
 # rows: row, p50_us, p99_us, requests_per_s, and floor / ratio_to_floor where
 # the row has a floor).
 # Usage: ci/bench.sh [REQUESTS]      (default 10000 per latency row)
+# BENCH_PROFILE=static measures the static release binary of ci/release.sh;
 # BENCH_PROFILE=debug measures the debug build instead: meaningless figures,
 # but a quick check (CI) that every row still runs, without a release build.
 set -euo pipefail
@@ -13,12 +14,26 @@ cd "$(dirname "$0")/.."
 requests=${1:-10000}
 profile=${BENCH_PROFILE:-release}
 root=$PWD
-if [[ $profile == release ]]; then
-  cargo build --release --quiet --bins --examples
-else
-  cargo build --quiet --bins --examples
-fi
-release="$root/target/$profile"
+case $profile in
+  release)
+    cargo build --release --quiet --bins --examples
+    release="$root/target/release"
+    ;;
+  static)
+    # The binary that ships (ci/release.sh): the same flags, so its build is reused.
+    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+      cargo build --release --quiet --target x86_64-unknown-linux-gnu --bins --examples
+    release="$root/target/x86_64-unknown-linux-gnu/release"
+    ;;
+  debug)
+    cargo build --quiet --bins --examples
+    release="$root/target/debug"
+    ;;
+  *)
+    echo "bench.sh: BENCH_PROFILE must be release, static or debug" >&2
+    exit 2
+    ;;
+esac
 client="$release/worker-client"
 worker="$release/persistent-worker"
 out="$root/target/bench"
