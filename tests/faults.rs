@@ -273,3 +273,82 @@ fn a_closed_stdout_is_logged_once_and_the_worker_exits_cleanly() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Waits, bounded, until the worker's log contains `text`.
+fn wait_for_log(worker: &Worker, text: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !worker.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "log never said {text:?}: {}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Cancels `id`, whose tool hangs, and requires the cancelled answer within
+/// the pool's cancel grace plus scheduling slack.
+fn cancel_hung(worker: &mut Worker, id: i32) {
+    let sent = Instant::now();
+    worker.send(&common::cancel(id));
+    let (at, response) = worker.recv_timed();
+    assert_eq!(response.request_id, id, "{response:?}");
+    assert!(response.was_cancelled, "{response:?}");
+    let limit = persistent_worker::pool::CANCEL_GRACE + Duration::from_secs(1);
+    assert!(
+        at - sent < limit,
+        "cancel of {id} answered after {:?}",
+        at - sent
+    );
+}
+
+/// A tool that never returns and ignores its token: the Bazel cancel is still
+/// answered, the stuck thread is reported once, the free thread keeps
+/// serving, and once every thread is stuck the log says requests queue.
+#[test]
+fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--concurrency", "2"], dir.path());
+    worker.send(&request(1, &["--hang", "h1"]));
+    wait_for_log(&worker, "demo: hanging in h1");
+    cancel_hung(&mut worker, 1);
+    wait_for_log(&worker, "is stuck: request 1 has run");
+    assert!(
+        worker.stderr().contains("(1 of 2 thread(s) stuck)"),
+        "{}",
+        worker.stderr()
+    );
+
+    // The other thread is free and serves.
+    worker.send(&request(2, &["ok.txt"]));
+    let response = worker.recv();
+    assert_eq!((response.request_id, response.exit_code), (2, 0));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ok.txt")).unwrap(),
+        "ok.txt\n"
+    );
+
+    worker.send(&request(3, &["--hang", "h3"]));
+    wait_for_log(&worker, "demo: hanging in h3");
+    cancel_hung(&mut worker, 3);
+    wait_for_log(&worker, "all 2 pool thread(s) are stuck");
+
+    // No thread left: the request queues, says so, and a cancel still
+    // answers it.
+    worker.send(&request(4, &["queued.txt"]));
+    wait_for_log(&worker, "request 4 queued: all 2 pool thread(s) are stuck");
+    cancel_hung(&mut worker, 4);
+    assert!(!dir.path().join("queued.txt").exists());
+
+    let log = worker.stderr();
+    for id in [1, 3] {
+        assert_eq!(
+            log.matches(&format!("is stuck: request {id} has run"))
+                .count(),
+            1,
+            "one stuck report per request: {log}"
+        );
+    }
+    assert!(!log.contains("panicked"), "{log}");
+}
