@@ -108,7 +108,7 @@ impl Handler for Demo {
         }
         if args.hang {
             // Tells a watcher the tool is now past any point of return.
-            eprintln!("demo: hanging in {}", args.outfile);
+            crate::elog!("demo: hanging in {}", args.outfile);
             loop {
                 // Nothing ever unparks this thread; the loop covers spurious
                 // wake-ups.

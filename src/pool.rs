@@ -116,7 +116,7 @@ impl Pool {
         }
         let stuck = self.stuck();
         if stuck >= self.size() {
-            eprintln!(
+            crate::elog!(
                 "worker: WARNING: {} queued: all {stuck} pool thread(s) are stuck in tools \
                  that ignore cancellation; it waits until one of them returns",
                 ticket.label
@@ -277,7 +277,7 @@ impl Ticket {
             return;
         };
         let size = self.shared.size;
-        eprintln!(
+        crate::elog!(
             "worker: pool thread {thread} is stuck: {} has run {:.1} s and its tool ignores \
              its {}; answered for it, the thread stays busy until the tool returns \
              ({stuck} of {size} thread(s) stuck)",
@@ -289,7 +289,7 @@ impl Ticket {
             },
         );
         if stuck >= size {
-            eprintln!(
+            crate::elog!(
                 "worker: WARNING: all {size} pool thread(s) are stuck in tools that ignore \
                  cancellation: new requests queue until one of them returns"
             );
@@ -316,7 +316,7 @@ impl Ticket {
         let before = std::mem::replace(&mut *lock(&self.state), JobState::Done);
         if let JobState::Stuck { since, thread } = before {
             let left = self.shared.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
-            eprintln!(
+            crate::elog!(
                 "worker: pool thread {thread} is free again: {} returned after {:.1} s \
                  ({left} thread(s) still stuck)",
                 self.label,
@@ -381,7 +381,7 @@ impl Timer {
         if let Err(e) = spawned {
             // Without the thread, requests are still answered by their
             // handlers; only the early answer is lost.
-            eprintln!("worker: cannot start the timeout thread: {e}");
+            crate::elog!("worker: cannot start the timeout thread: {e}");
         }
         Timer { sender }
     }

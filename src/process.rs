@@ -1,10 +1,56 @@
 //! Process-wide facts and set-up that the front ends share: the identity line
-//! that starts every response, and moving stdout out of harm's way when it is
-//! the protocol channel.
+//! that starts every response, standard descriptors that are always open,
+//! moving stdout out of harm's way when it is the protocol channel, and a log
+//! line that cannot panic.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::FromRawFd;
+
+/// Writes one line to stderr, ignoring failure.
+///
+/// `eprintln!` panics when stderr is gone (a closed pipe gives `EPIPE`); a
+/// worker whose log reader died must keep answering requests, so every log
+/// line goes through here.
+#[macro_export]
+macro_rules! elog {
+    ($($arg:tt)*) => {
+        $crate::process::write_log(::std::format_args!($($arg)*))
+    };
+}
+
+#[doc(hidden)]
+pub fn write_log(args: std::fmt::Arguments) {
+    // One buffer, one write: lines from different threads do not interleave.
+    let line = format!("{args}\n");
+    let _ = io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Opens `/dev/null` on each of fds 0, 1 and 2 that is closed.
+///
+/// A parent may start the worker with any of them closed. Left so, the next
+/// file or socket the worker opens takes the lowest free number, and a log
+/// line or a stray `println!` would then land inside it; stdout
+/// protection (`dup2(2, 1)`) would fail outright.
+pub fn open_missing_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only asks whether the descriptor exists.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: the path is a valid C string. Lower descriptors are open
+        // (checked in order), so open(2) returns `fd` itself; the descriptor
+        // is deliberately kept for the life of the process.
+        let opened = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if opened >= 0 && opened != fd {
+            // SAFETY: moves the descriptor into place and drops the extra.
+            unsafe {
+                libc::dup2(opened, fd);
+                libc::close(opened);
+            }
+        }
+    }
+}
 
 /// `<hostname> <pid> <cwd>`, the identity Buck2's example puts in front of
 /// every response so a user can tell which worker process served it.

@@ -352,3 +352,136 @@ fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck
     }
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Runs the Bazel worker with `prepare` applied in the child before exec,
+/// sends `requests` and closes stdin, and returns the decoded responses and
+/// the exit status, all within a bounded wait.
+fn run_with_fds(
+    args: &[&str],
+    dir: &Path,
+    stderr: Stdio,
+    prepare: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    requests: &[persistent_worker::proto::worker_protocol::WorkRequest],
+) -> (
+    std::process::ExitStatus,
+    Vec<persistent_worker::proto::worker_protocol::WorkResponse>,
+) {
+    use persistent_worker::bazel::WireFormat;
+    use std::io::{Read, Write};
+
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .arg("--persistent_worker")
+        .current_dir(dir)
+        .env_remove("WORKER_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    // SAFETY: the closure only makes async-signal-safe calls.
+    unsafe { command.pre_exec(prepare) };
+    let mut child = command.spawn().expect("spawn worker");
+    // Nothing else reads the child's stderr: a dropped pipe end makes
+    // its writes fail with EPIPE.
+    drop(child.stderr.take());
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.take().unwrap();
+    let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        let _ = out_tx.send(bytes);
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    for r in requests {
+        stdin
+            .write_all(&WireFormat::Proto.encode_request(r))
+            .expect("the worker reads its input");
+    }
+    drop(stdin);
+    let Ok(bytes) = out_rx.recv_timeout(WAIT) else {
+        // SAFETY: the worker this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("the worker never closed its output");
+    };
+    let status = child.wait().unwrap();
+    let mut reader = &bytes[..];
+    let mut responses = Vec::new();
+    while let Some(r) = WireFormat::Proto
+        .read_response(&mut reader, 1 << 20)
+        .expect("well-formed frames")
+    {
+        responses.push(r);
+    }
+    (status, responses)
+}
+
+/// `stray` adds a print to stdout, which the worker points at stderr.
+fn closed_fd_requests(stray: bool) -> Vec<persistent_worker::proto::worker_protocol::WorkRequest> {
+    let second: &[&str] = if stray {
+        &["--print-stdout", "stray", "b.txt"]
+    } else {
+        &["b.txt"]
+    };
+    vec![
+        request(1, &["a.txt"]),
+        request(2, second),
+        request(3, &["--panic", "c.txt"]),
+        request(4, &["d.txt"]),
+    ]
+}
+
+fn check_closed_fd_run(
+    dir: &Path,
+    status: std::process::ExitStatus,
+    mut responses: Vec<persistent_worker::proto::worker_protocol::WorkResponse>,
+) {
+    assert_eq!(status.code(), Some(0), "{responses:?}");
+    responses.sort_by_key(|r| r.request_id);
+    let codes: Vec<(i32, i32)> = responses
+        .iter()
+        .map(|r| (r.request_id, r.exit_code))
+        .collect();
+    assert_eq!(codes, [(1, 0), (2, 0), (3, 1), (4, 0)], "{responses:?}");
+    for name in ["a.txt", "b.txt", "d.txt"] {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(name)).unwrap(),
+            format!("{name}\n")
+        );
+    }
+}
+
+/// Started with fd 2 closed, the worker still logs (into nothing), keeps a
+/// stray print off the protocol stream, and answers every request.
+#[test]
+fn a_worker_started_with_stderr_closed_answers_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, responses) = run_with_fds(
+        &["--concurrency", "2", "--verbose"],
+        dir.path(),
+        Stdio::null(),
+        || {
+            // SAFETY: closing a descriptor is async-signal-safe.
+            unsafe { libc::close(2) };
+            Ok(())
+        },
+        &closed_fd_requests(true),
+    );
+    check_closed_fd_run(dir.path(), status, responses);
+}
+
+/// A log reader that went away (EPIPE on every log line) must not panic the
+/// threads that answer requests. (A tool's own `println!` would still panic
+/// inside its handler, as it would anywhere; that is the tool's error.)
+#[test]
+fn a_worker_whose_stderr_reader_is_gone_answers_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, responses) = run_with_fds(
+        &["--concurrency", "2", "--verbose"],
+        dir.path(),
+        Stdio::piped(),
+        || Ok(()),
+        &closed_fd_requests(false),
+    );
+    check_closed_fd_run(dir.path(), status, responses);
+}

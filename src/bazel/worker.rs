@@ -60,7 +60,7 @@ impl ResponseWriter {
         if let Some(stream) = out.as_mut() {
             if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
                 // The client is gone; it will not read anything else either.
-                eprintln!("worker: cannot write response {}: {e}", response.request_id);
+                crate::elog!("worker: cannot write response {}: {e}", response.request_id);
                 out.take();
             }
         }
@@ -193,7 +193,7 @@ pub fn serve_session(
             match lock(&in_flight).get(&id) {
                 Some(ticket) => ticket.cancel(),
                 None if verbose => {
-                    eprintln!("worker: cancel for request {id} ignored: it is not in flight")
+                    crate::elog!("worker: cancel for request {id} ignored: it is not in flight")
                 }
                 None => {}
             }
@@ -212,7 +212,7 @@ pub fn serve_session(
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
             Ok(dir) => dir,
             Err(e) => {
-                eprintln!("worker: request {id}: {e}");
+                crate::elog!("worker: request {id}: {e}");
                 let response = Response::error(1, format!("worker: {e}\n"));
                 writer.send(&to_wire(&identity, id, response));
                 continue;
@@ -227,7 +227,7 @@ pub fn serve_session(
             if table.contains_key(&id) {
                 drop(table);
                 let e = format!("request id {id} is already in flight; ids must be unique");
-                eprintln!("worker: {e}");
+                crate::elog!("worker: {e}");
                 let response = Response::error(1, format!("worker: {e}\n"));
                 writer.send(&to_wire(&identity, id, response));
                 continue;
@@ -242,7 +242,7 @@ pub fn serve_session(
                 continue;
             }
             if verbose {
-                eprintln!(
+                crate::elog!(
                     "worker: request {id} started, {} in flight",
                     table.len() + 1
                 );
@@ -264,7 +264,7 @@ pub fn serve_session(
                 }
                 let left = table.len();
                 if verbose {
-                    eprintln!(
+                    crate::elog!(
                         "worker: request {id} finished, exit code {}{}, {left} in flight",
                         response.exit_code,
                         if response.cancelled {
@@ -298,7 +298,7 @@ pub fn serve_session(
     drop(table);
     let stuck = pool.stuck();
     if stuck > 0 {
-        eprintln!("worker: end of input; leaving {stuck} stuck pool thread(s) behind");
+        crate::elog!("worker: end of input; leaving {stuck} stuck pool thread(s) behind");
         pool.detach();
     } else {
         pool.join();
@@ -319,7 +319,7 @@ fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
 }
 
 fn log_request(work: &WorkRequest) {
-    eprintln!(
+    crate::elog!(
         "worker: request {}{}: {} argument(s), {} input(s), verbosity {}{}: {}",
         work.request_id,
         if work.cancel { " (cancel)" } else { "" },
