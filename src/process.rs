@@ -93,3 +93,43 @@ pub fn take_stdout_for_protocol() -> io::Result<File> {
         Ok(File::from_raw_fd(private))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Rust's own start-up already reopens fds 0-2 for a Rust `main`, so an
+    /// end-to-end test cannot tell whether this function works; a forked
+    /// child closes them after start-up and checks them itself.
+    #[test]
+    fn closed_std_fds_are_reopened_on_dev_null() {
+        // SAFETY: the child makes only async-signal-safe calls and exits
+        // with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let mut ok = true;
+            unsafe {
+                libc::close(0);
+                libc::close(2);
+                super::open_missing_std_fds();
+                for fd in [0, 2] {
+                    let mut buf = [0u8; 64];
+                    let path = if fd == 0 {
+                        c"/proc/self/fd/0"
+                    } else {
+                        c"/proc/self/fd/2"
+                    };
+                    let n = libc::readlink(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+                    ok &= n > 0 && buf[..n as usize] == *b"/dev/null";
+                }
+                libc::_exit(if ok { 0 } else { 1 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "fds 0 and 2 not reopened on /dev/null (status {status})"
+        );
+    }
+}
