@@ -485,3 +485,55 @@ fn a_worker_whose_stderr_reader_is_gone_answers_every_request() {
     );
     check_closed_fd_run(dir.path(), status, responses);
 }
+
+/// An output in a read-only directory is the tool's error, answered with the
+/// path and the reason; the next request is served. As root the permission
+/// bits do not bind, so the worker then runs as `nobody`.
+#[test]
+fn output_in_a_read_only_directory_is_a_clear_error_response() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // SAFETY: reads the test's own effective uid.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (status, mut responses) = run_with_fds(
+        &[],
+        dir.path(),
+        Stdio::null(),
+        move || {
+            if root {
+                // SAFETY: async-signal-safe calls in the child before exec.
+                unsafe {
+                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        },
+        &[request(1, &["ro/out.txt"]), request(2, &["fine.txt"])],
+    );
+    assert_eq!(status.code(), Some(0), "{responses:?}");
+    responses.sort_by_key(|r| r.request_id);
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    let failed = &responses[0];
+    assert_eq!(failed.exit_code, 1, "{failed:?}");
+    assert!(
+        failed.output.contains("cannot write")
+            && failed.output.contains("ro/out.txt")
+            && failed.output.contains("Permission denied"),
+        "{}",
+        failed.output
+    );
+    assert!(!failed.output.contains("panicked"), "{}", failed.output);
+    assert!(!ro.join("out.txt").exists());
+    assert_eq!(responses[1].exit_code, 0, "{:?}", responses[1]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("fine.txt")).unwrap(),
+        "fine.txt\n"
+    );
+}
