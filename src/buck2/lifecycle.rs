@@ -275,8 +275,14 @@ pub fn block_on_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> O
 /// How long gRPC's teardown may take to flush the last responses at exit.
 pub const TEARDOWN: Duration = Duration::from_millis(1000);
 
-/// Time for the transport to write what gRPC already considers sent.
-pub const LINGER: Duration = Duration::from_millis(100);
+/// Time for the transport to write what gRPC already considers sent, and for
+/// clients to read it. Once the process exits its connections close; a
+/// client that writes (an HTTP/2 acknowledgement) into a closed connection
+/// before it has processed the answer already in its socket buffer fails the
+/// call with UNAVAILABLE "Broken pipe". No signal says a client has read its
+/// answer, so this is a bound: 100 ms lost that race on a loaded 2-core
+/// machine; shutdown is off every build's critical path, so be generous.
+pub const LINGER: Duration = Duration::from_millis(500);
 
 /// How long cancelled requests get to report back after the grace period:
 /// handlers that honour their token stop within milliseconds.
