@@ -396,32 +396,44 @@ fn a_60_mib_argument_list_is_answered_correctly() {
 fn a_60_mib_frame_that_ends_early_allocates_as_it_reads() {
     // The frame announces 60 MiB; 1 MiB arrives and the stream stays open.
     // A reader that allocated the announced length would show 60 MiB more
-    // virtual memory at once; one that grows with the bytes shows ~1 MiB.
+    // accessible virtual memory at once (untouched, so not in RSS); one that
+    // grows with the bytes shows ~1 MiB. Reserved-only mappings (a new malloc
+    // arena reserves 64 MiB PROT_NONE) are not counted: they hold nothing.
     let d = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&[], d.path());
     // A first request makes sure start-up allocations are behind us.
     worker.send(&request(1, &["warm.txt"]));
     worker.recv();
     let pid = worker.pid();
-    let before = vm_size_kib(pid);
+    let before = accessible_kib(pid);
     let mut prefix = Vec::new();
     encode_varint(60 << 20, &mut prefix);
     worker.send_raw(&prefix);
     // A pipe holds 64 KiB: once this write returns, the worker has read
     // all but that much of it.
     worker.send_raw(&vec![0u8; 1 << 20]);
-    let grown = vm_size_kib(pid).saturating_sub(before);
+    let grown = accessible_kib(pid).saturating_sub(before);
     assert!(grown < 16 << 10, "virtual memory grew by {grown} KiB");
     let (status, _, stderr) = worker.finish();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("ended inside a frame"), "{stderr}");
 }
 
-fn vm_size_kib(pid: i32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmSize in /proc status")
+/// The size of the process's mappings that can be read or written.
+fn accessible_kib(pid: i32) -> u64 {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            if !perms.starts_with("r") && !perms[1..].starts_with("w") {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            Some((end - start) / 1024)
+        })
+        .sum()
 }
