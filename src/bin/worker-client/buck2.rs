@@ -84,20 +84,8 @@ impl Worker {
     fn start(options: &Options) -> Result<Worker, Failure> {
         let dir = SocketDir::create()?;
         let socket = dir.0.join("socket");
-        let (program, args) = options
-            .command
-            .split_first()
-            .ok_or_else(|| Failure::Usage("empty worker command".to_owned()))?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .env("WORKER_SOCKET", &socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cwd) = &options.cwd {
-            command.current_dir(cwd);
-        }
+        let mut command = worker_command(options, &socket)?;
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let spawned = Instant::now();
         let mut process = child::spawn(command, &options.command)?;
         let (Some(out), Some(err)) = (process.stdout.take(), process.stderr.take()) else {
@@ -576,13 +564,9 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     Ok(m)
 }
 
-/// Spawn to the first successful `connect` on the worker's socket, polled
-/// every 20 µs rather than on Buck2's schedule, which would round every start
-/// up to 50 ms; then the worker is killed.
-pub fn time_to_accepting(options: &Options) -> Result<Duration, Failure> {
-    const POLL: Duration = Duration::from_micros(20);
-    let dir = SocketDir::create()?;
-    let socket = dir.0.join("socket");
+/// The worker's command as Buck2 starts it: `WORKER_SOCKET` set, stdin
+/// closed; the caller decides where its output goes.
+fn worker_command(options: &Options, socket: &Path) -> Result<Command, Failure> {
     let (program, args) = options
         .command
         .split_first()
@@ -590,13 +574,23 @@ pub fn time_to_accepting(options: &Options) -> Result<Duration, Failure> {
     let mut command = Command::new(program);
     command
         .args(args)
-        .env("WORKER_SOCKET", &socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .env("WORKER_SOCKET", socket)
+        .stdin(Stdio::null());
     if let Some(cwd) = &options.cwd {
         command.current_dir(cwd);
     }
+    Ok(command)
+}
+
+/// Spawn to the first successful `connect` on the worker's socket, polled
+/// every 20 µs rather than on Buck2's schedule, which would round every start
+/// up to 50 ms; then the worker is killed.
+pub fn time_to_accepting(options: &Options) -> Result<Duration, Failure> {
+    const POLL: Duration = Duration::from_micros(20);
+    let dir = SocketDir::create()?;
+    let socket = dir.0.join("socket");
+    let mut command = worker_command(options, &socket)?;
+    command.stdout(Stdio::null()).stderr(Stdio::null());
     let spawned = Instant::now();
     let mut process = child::spawn(command, &options.command)?;
     let limit = GIVE_UP.min(options.timeout);
