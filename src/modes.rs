@@ -20,11 +20,10 @@ use crate::{oneshot, process};
 /// Runs the whole program for the handler that `make_handler` builds from the
 /// parsed options, and returns the process exit code.
 pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> ExitCode {
-    crate::process::open_missing_std_fds();
     let cwd = match std::env::current_dir() {
         Ok(cwd) => cwd,
         Err(e) => {
-            crate::elog!("persistent-worker: cannot read the current directory: {e}");
+            eprintln!("persistent-worker: cannot read the current directory: {e}");
             return ExitCode::from(2);
         }
     };
@@ -43,7 +42,7 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            crate::elog!("persistent-worker: {e}\n\n{USAGE}");
+            eprintln!("persistent-worker: {e}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -65,7 +64,7 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
         ),
         #[cfg(not(feature = "grpc"))]
         Mode::Buck2 { .. } => {
-            crate::elog!("persistent-worker: built without the Buck2 front end (feature grpc)");
+            eprintln!("persistent-worker: built without the Buck2 front end (feature grpc)");
             2
         }
     };
@@ -77,7 +76,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
     let signals = match Signals::block() {
         Ok(signals) => signals,
         Err(e) => {
-            crate::elog!("persistent-worker: cannot block stop signals: {e}");
+            eprintln!("persistent-worker: cannot block stop signals: {e}");
             return 2;
         }
     };
@@ -85,11 +84,11 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
     let protocol_out = match process::take_stdout_for_protocol() {
         Ok(file) => file,
         Err(e) => {
-            crate::elog!("persistent-worker: cannot set up stdout for the protocol: {e}");
+            eprintln!("persistent-worker: cannot set up stdout for the protocol: {e}");
             return 1;
         }
     };
-    crate::elog!(
+    eprintln!(
         "persistent-worker: Bazel worker ({:?}, concurrency {}) pid {} in {}",
         options.wire_format,
         options.concurrency,
@@ -110,7 +109,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
         .name("signals".into())
         .spawn(move || stop_on_signal(&signals, &parent, &stopper, &*tool, grace));
     if let Err(e) = watcher {
-        crate::elog!("persistent-worker: cannot start the signal thread: {e}");
+        eprintln!("persistent-worker: cannot start the signal thread: {e}");
         return 2;
     }
     let stdin = BufReader::new(std::io::stdin().lock());
@@ -121,7 +120,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
             0
         }
         Err(e) => {
-            crate::elog!("persistent-worker: protocol error, exiting: {e}");
+            eprintln!("persistent-worker: protocol error, exiting: {e}");
             handler.shutdown();
             // Exit now: requests still running must not keep a broken
             // client waiting, and their output is already shut off.
@@ -149,26 +148,26 @@ fn stop_on_signal(
                 parent.poll_from_now_on();
                 continue;
             }
-            crate::elog!(
+            eprintln!(
                 "persistent-worker: parent process {} exited; stopping",
                 parent.pid()
             );
             std::process::exit(0);
         }
-        crate::elog!(
+        eprintln!(
             "persistent-worker: {}: cancelling running requests, waiting up to {} ms",
             lifecycle::signal_name(signal),
             grace.as_millis()
         );
         let stuck = session.stop(grace);
         if stuck > 0 {
-            crate::elog!(
+            eprintln!(
                 "persistent-worker: answered {stuck} request(s) as cancelled whose tool did not stop"
             );
         }
         // A bridge's children get EOF, then SIGKILL after a bound.
         tool.shutdown();
-        crate::elog!("persistent-worker: stopped");
+        eprintln!("persistent-worker: stopped");
         std::process::exit(0);
     }
 }
