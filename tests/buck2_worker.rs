@@ -1142,3 +1142,57 @@ fn transcript() {
         }
     });
 }
+
+#[test]
+fn sigterm_under_load_answers_every_accepted_call_and_exits_0() {
+    within(Duration::from_secs(60), || {
+        let d = tempfile::tempdir().unwrap();
+        // 8 calls on 2 threads: 2 run, 6 queue when the signal comes.
+        let mut worker = Worker::start(
+            d.path(),
+            &[
+                "--verbose",
+                "--concurrency",
+                "2",
+                "--shutdown-grace-ms",
+                "400",
+            ],
+        );
+        let conn = worker.connect(env());
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                conn.client()
+                    .unary_call_async(
+                        &EXECUTE,
+                        &command(&["--work-ms", "300", &format!("load-{i}")]),
+                        opt(),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        worker.expect_line("Execute #7 started", Duration::from_secs(10));
+        worker.signal(libc::SIGTERM);
+        let (mut done, mut cancelled) = (0, 0);
+        for (i, call) in calls.into_iter().enumerate() {
+            let response = wait(call, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("call {i} got no answer: {e:?}"));
+            let written = d.path().join(format!("load-{i}")).exists();
+            if response.exit_code == 0 {
+                assert!(written, "call {i} answered 0 without its file");
+                done += 1;
+            } else {
+                assert!(!written, "call {i} failed but wrote its file");
+                cancelled += 1;
+            }
+        }
+        // 400 ms of grace lets the first 2 finish and leaves queued ones over.
+        assert!(
+            done >= 2 && cancelled >= 1,
+            "{done} done, {cancelled} cancelled"
+        );
+        let socket = worker.socket.clone();
+        let (status, log) = worker.finish(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+        assert!(!socket.exists(), "socket left behind");
+    });
+}

@@ -221,6 +221,24 @@ impl Tracker {
         }
     }
 
+    /// Waits until no call is open and no request runs, or until `deadline`;
+    /// true if it got there. Calls end on their own once draining (each
+    /// finishes what it has), so this is polled, briefly, only at shutdown.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            {
+                let state = lock(&self.state);
+                if state.calls.is_empty() && state.requests.is_empty() {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(IDLE_POLL);
+        }
+    }
+
     /// Stops new work: calls see [`Tracker::is_draining`] and finish what they
     /// have. Returns the number of requests still running.
     pub fn drain(&self) -> usize {
@@ -272,17 +290,17 @@ pub fn block_on_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> O
     }
 }
 
+/// How often shutdown looks whether the last call has ended.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+
 /// How long gRPC's teardown may take to flush the last responses at exit.
 pub const TEARDOWN: Duration = Duration::from_millis(1000);
 
-/// Time for the transport to write what gRPC already considers sent, and for
-/// clients to read it. Once the process exits its connections close; a
-/// client that writes (an HTTP/2 acknowledgement) into a closed connection
-/// before it has processed the answer already in its socket buffer fails the
-/// call with UNAVAILABLE "Broken pipe". No signal says a client has read its
-/// answer, so this is a bound: 100 ms lost that race on a loaded 2-core
-/// machine; shutdown is off every build's critical path, so be generous.
-pub const LINGER: Duration = Duration::from_millis(500);
+/// Between the last call's end and gRPC closing the connections: time for
+/// the final answers to reach the clients and be read. Nothing tells the
+/// server a client has read its answer, so this is a bound; shutdown is off
+/// every build's critical path.
+pub const LINGER: Duration = Duration::from_millis(200);
 
 /// How long cancelled requests get to report back after the grace period:
 /// handlers that honour their token stop within milliseconds.

@@ -143,23 +143,31 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
             "persistent-worker: {name}: no new requests; waiting up to {} ms for {running} running request(s)",
             settings.shutdown_grace.as_millis()
         );
-        let mut shutdown = server.shutdown();
         bound.remove();
+        // Answers first, connections last. gRPC closes every connection as
+        // soon as its shutdown completes, and a client that writes (an HTTP/2
+        // acknowledgement) into a closed connection before it has read the
+        // answer already on its way fails the call with UNAVAILABLE "Broken
+        // pipe". So the calls end while the server still runs (draining
+        // refuses new ones), and the connections close a linger later.
         let deadline = Instant::now() + settings.shutdown_grace;
-        if block_on_until(&mut shutdown, deadline).is_none() {
+        let mut idle = tracker.wait_idle(deadline);
+        if !idle {
             let cancelled = tracker.cancel_all();
             eprintln!("persistent-worker: grace period over; cancelled {cancelled} request(s)");
-            let after = Instant::now() + lifecycle::AFTER_CANCEL;
-            if block_on_until(&mut shutdown, after).is_none() {
-                server.cancel_all_calls();
-                let _ = block_on_until(&mut shutdown, Instant::now() + Duration::from_millis(200));
-            }
+            idle = tracker.wait_idle(Instant::now() + lifecycle::AFTER_CANCEL);
         }
-        // Dropping the server and its environment joins gRPC's threads, which
-        // flushes responses still queued in the transport: exiting straight
-        // away could cut the last answers off mid-write. A call still tied to
-        // a tool that ignores its cancellation can keep that join waiting, so
-        // it gets a bounded time on a thread of its own.
+        if idle {
+            std::thread::sleep(lifecycle::LINGER);
+        }
+        let mut shutdown = server.shutdown();
+        if block_on_until(&mut shutdown, Instant::now() + lifecycle::AFTER_CANCEL).is_none() {
+            server.cancel_all_calls();
+            let _ = block_on_until(&mut shutdown, Instant::now() + Duration::from_millis(200));
+        }
+        // Dropping the server and its environment joins gRPC's threads. A
+        // call still tied to a tool that ignores its cancellation can keep
+        // that join waiting, so it gets a bounded time on a thread of its own.
         let (flushed_tx, flushed) = crossbeam_channel::bounded::<()>(1);
         let _ = std::thread::Builder::new()
             .name("grpc-teardown".into())
@@ -169,10 +177,6 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
                 let _ = flushed_tx.send(());
             });
         let _ = flushed.recv_timeout(lifecycle::TEARDOWN);
-        // gRPC counts a call done once its last bytes are handed to the
-        // transport, not once they are written, and says nothing when they
-        // are: a short linger lets the final answers reach the socket.
-        std::thread::sleep(lifecycle::LINGER);
         tool.shutdown();
         eprintln!("persistent-worker: stopped");
         drop(address);
