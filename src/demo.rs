@@ -3,8 +3,9 @@
 //! `basename(OUTFILE)` and a newline to it, after simulated work that a
 //! cancel or timeout interrupts.
 //!
-//! Two fault-injection flags exist so tests and users can watch the worker
-//! survive a misbehaving tool: `--panic` and `--print-stdout TEXT`.
+//! Fault-injection flags let tests and users watch the worker survive a
+//! misbehaving tool: `--panic`, `--print-stdout TEXT`, `--busy-ms N` and
+//! `--hang`.
 //! `--print-env NAME` reports a variable of the request's env (Buck2 sends
 //! env per request), so a client can see it arrived.
 //!
@@ -20,11 +21,12 @@ use crate::quote::quoted;
 use crate::request::{Handler, Request, Response};
 
 pub const USAGE: &str =
-    "usage: [--work-ms N] [--busy-ms N] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
+    "usage: [--work-ms N] [--busy-ms N] [--hang] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
        --noop [--reply-bytes N] [ANY...]
 writes the file name of OUTFILE and a newline to OUTFILE;
 --print-env NAME adds NAME=VALUE from the request's env to the message;
 --busy-ms N works N ms without heeding cancellation, like a tool that cannot be stopped;
+--hang never returns and ignores cancellation, like a deadlocked tool;
 --noop answers at once with N bytes of output (default none), ignoring ANY\n";
 
 /// The demo tool with its start-up configuration.
@@ -38,6 +40,7 @@ struct DemoArgs {
     outfile: String,
     work: Option<Duration>,
     busy: Duration,
+    hang: bool,
     panic: bool,
     print_stdout: Option<String>,
     print_env: Option<String>,
@@ -51,6 +54,7 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
         outfile: String::new(),
         work: None,
         busy: Duration::ZERO,
+        hang: false,
         panic: false,
         print_stdout: None,
         print_env: None,
@@ -75,6 +79,7 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
                 parsed.busy = Duration::from_millis(ms);
             }
             Long("panic") => parsed.panic = true,
+            Long("hang") => parsed.hang = true,
             Long("print-stdout") => {
                 parsed.print_stdout = Some(text(parser.value().map_err(|e| e.to_string())?)?)
             }
@@ -127,6 +132,15 @@ impl Handler for Demo {
         }
         if args.panic {
             panic!("demo: --panic was given for {}", args.outfile);
+        }
+        if args.hang {
+            // Tells a watcher the tool is now past any point of return.
+            crate::elog!("demo: hanging in {}", args.outfile);
+            loop {
+                // Nothing ever unparks this thread; the loop covers spurious
+                // wake-ups.
+                std::thread::park();
+            }
         }
         std::thread::sleep(args.busy);
         if let Err(stop) = request.cancel.sleep(args.work.unwrap_or(self.work)) {

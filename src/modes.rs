@@ -20,10 +20,11 @@ use crate::{oneshot, process};
 /// Runs the whole program for the handler that `make_handler` builds from the
 /// parsed options, and returns the process exit code.
 pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> ExitCode {
+    crate::process::open_missing_std_fds();
     let cwd = match std::env::current_dir() {
         Ok(cwd) => cwd,
         Err(e) => {
-            eprintln!("persistent-worker: cannot read the current directory: {e}");
+            crate::elog!("persistent-worker: cannot read the current directory: {e}");
             return ExitCode::from(2);
         }
     };
@@ -42,7 +43,7 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("persistent-worker: {e}\n\n{USAGE}");
+            crate::elog!("persistent-worker: {e}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -64,7 +65,7 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
         ),
         #[cfg(not(feature = "grpc"))]
         Mode::Buck2 { .. } => {
-            eprintln!("persistent-worker: built without the Buck2 front end (feature grpc)");
+            crate::elog!("persistent-worker: built without the Buck2 front end (feature grpc)");
             2
         }
     };
@@ -76,7 +77,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
     let signals = match Signals::block() {
         Ok(signals) => signals,
         Err(e) => {
-            eprintln!("persistent-worker: cannot block stop signals: {e}");
+            crate::elog!("persistent-worker: cannot block stop signals: {e}");
             return 2;
         }
     };
@@ -84,11 +85,11 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
     let protocol_out = match process::take_stdout_for_protocol() {
         Ok(file) => file,
         Err(e) => {
-            eprintln!("persistent-worker: cannot set up stdout for the protocol: {e}");
+            crate::elog!("persistent-worker: cannot set up stdout for the protocol: {e}");
             return 1;
         }
     };
-    eprintln!(
+    crate::elog!(
         "persistent-worker: Bazel worker ({:?}, concurrency {}) pid {} in {}",
         options.wire_format,
         options.concurrency,
@@ -109,7 +110,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
         .name("signals".into())
         .spawn(move || stop_on_signal(&signals, &parent, &stopper, &*tool, grace));
     if let Err(e) = watcher {
-        eprintln!("persistent-worker: cannot start the signal thread: {e}");
+        crate::elog!("persistent-worker: cannot start the signal thread: {e}");
         return 2;
     }
     let stdin = BufReader::new(std::io::stdin().lock());
@@ -120,7 +121,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
             0
         }
         Err(e) => {
-            eprintln!("persistent-worker: protocol error, exiting: {e}");
+            crate::elog!("persistent-worker: protocol error, exiting: {e}");
             handler.shutdown();
             // Exit now: requests still running must not keep a broken
             // client waiting, and their output is already shut off.
@@ -148,26 +149,26 @@ fn stop_on_signal(
                 parent.poll_from_now_on();
                 continue;
             }
-            eprintln!(
+            crate::elog!(
                 "persistent-worker: parent process {} exited; stopping",
                 parent.pid()
             );
             std::process::exit(0);
         }
-        eprintln!(
+        crate::elog!(
             "persistent-worker: {}: cancelling running requests, waiting up to {} ms",
             lifecycle::signal_name(signal),
             grace.as_millis()
         );
         let stuck = session.stop(grace);
         if stuck > 0 {
-            eprintln!(
+            crate::elog!(
                 "persistent-worker: answered {stuck} request(s) as cancelled whose tool did not stop"
             );
         }
         // A bridge's children get EOF, then SIGKILL after a bound.
         tool.shutdown();
-        eprintln!("persistent-worker: stopped");
+        crate::elog!("persistent-worker: stopped");
         std::process::exit(0);
     }
 }

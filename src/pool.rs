@@ -10,6 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 
 use crate::argfile;
-use crate::request::{lock, Handler, Request, Response, Stop};
+use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -25,13 +26,25 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// timeout and answer (with its own message) before the pool answers for it.
 pub const TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 
+/// How long after a cancel a handler that ignores its token may keep the
+/// client waiting before the pool answers for it.
+pub const CANCEL_GRACE: Duration = TIMEOUT_GRACE;
+
 /// A fixed set of threads fed by one unbounded channel: more requests than
 /// threads queue, they are never rejected.
 pub struct Pool {
     sender: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
-    /// Started on the first request with a timeout.
+    shared: Arc<Shared>,
+}
+
+/// What tickets and jobs need after `submit` has returned.
+struct Shared {
+    /// Started on the first request answered early.
     timer: OnceLock<Timer>,
+    size: usize,
+    /// Threads still inside a handler whose request was already answered.
+    stuck: AtomicUsize,
 }
 
 impl Pool {
@@ -54,12 +67,22 @@ impl Pool {
         Pool {
             sender: Some(sender),
             threads,
-            timer: OnceLock::new(),
+            shared: Arc::new(Shared {
+                timer: OnceLock::new(),
+                size: size.max(1),
+                stuck: AtomicUsize::new(0),
+            }),
         }
     }
 
     pub fn size(&self) -> usize {
-        self.threads.len()
+        self.shared.size
+    }
+
+    /// Threads held by a tool that ignored its cancel or timeout and was
+    /// answered for; each comes back when its tool returns, if ever.
+    pub fn stuck(&self) -> usize {
+        self.shared.stuck.load(Ordering::Acquire)
     }
 
     /// Queues `request`; `done` receives its response, exactly once.
@@ -68,28 +91,41 @@ impl Pool {
     /// with a timeout whose handler is still running [`TIMEOUT_GRACE`] after
     /// the deadline is answered as timed out from the timer thread instead, so
     /// the client is not held by a tool that ignores its token; the handler's
-    /// late response is then dropped.
+    /// late response is then dropped. [`Ticket::cancel`] does the same for a
+    /// cancel. A request stopped before a thread takes it never reaches the
+    /// handler.
     pub fn submit(
         &self,
         handler: Arc<dyn Handler>,
         request: Request,
         done: impl FnOnce(Response) + Send + 'static,
-    ) {
-        let answer = Answer::new(done);
+    ) -> Ticket {
+        let ticket = Ticket {
+            token: request.cancel.clone(),
+            label: describe(&request),
+            answer: Answer::new(done),
+            state: Arc::new(Mutex::new(JobState::Queued)),
+            shared: Arc::clone(&self.shared),
+        };
         if let Some(deadline) = request.cancel.deadline() {
-            let early = answer.clone();
-            self.timer
-                .get_or_init(Timer::start)
-                .at(deadline + TIMEOUT_GRACE, move || {
-                    early.give(Response::stopped(
-                    Stop::TimedOut,
-                    "worker: timed out; the tool did not stop when asked and is still running\n",
-                ))
-                });
+            ticket.answer_at(
+                deadline + TIMEOUT_GRACE,
+                Stop::TimedOut,
+                "worker: timed out; the tool did not stop when asked and is still running\n",
+            );
         }
-        self.spawn(move || answer.give(run(handler.as_ref(), request)));
+        let stuck = self.stuck();
+        if stuck >= self.size() {
+            crate::elog!(
+                "worker: WARNING: {} queued: all {stuck} pool thread(s) are stuck in tools \
+                 that ignore cancellation; it waits until one of them returns",
+                ticket.label
+            );
+        }
+        let job = ticket.clone();
+        self.spawn(move || job.run(handler.as_ref(), request));
+        ticket
     }
-
     /// Queues an arbitrary job.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         if let Some(sender) = &self.sender {
@@ -139,11 +175,163 @@ impl Answer {
         Answer(Arc::clone(&self.0))
     }
 
-    fn give(&self, response: Response) {
+    /// Whether this call delivered the response.
+    fn give(&self, response: Response) -> bool {
         let done = lock(&self.0).take();
-        if let Some(done) = done {
-            done(response);
+        match done {
+            Some(done) => {
+                done(response);
+                true
+            }
+            None => false,
         }
+    }
+}
+
+/// Where a submitted request is, as far as answering early is concerned.
+enum JobState {
+    Queued,
+    Running {
+        since: Instant,
+        thread: String,
+    },
+    /// Answered early while its handler still runs.
+    Stuck {
+        since: Instant,
+        thread: String,
+    },
+    Done,
+}
+
+/// A submitted request: lets its front end cancel it with a bounded wait for
+/// the answer, whatever the tool does with its token.
+pub struct Ticket {
+    token: CancelToken,
+    label: String,
+    answer: Answer,
+    state: Arc<Mutex<JobState>>,
+    shared: Arc<Shared>,
+}
+
+impl Ticket {
+    fn clone(&self) -> Ticket {
+        Ticket {
+            token: self.token.clone(),
+            label: self.label.clone(),
+            answer: self.answer.clone(),
+            state: Arc::clone(&self.state),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// The request's own token: cancelling it alone leaves the answer to the
+    /// handler, however long it takes.
+    pub fn token(&self) -> &CancelToken {
+        &self.token
+    }
+
+    /// Cancels the request; if its handler has not answered [`CANCEL_GRACE`]
+    /// from now, the pool answers it as cancelled and reports the thread as
+    /// stuck.
+    pub fn cancel(&self) {
+        self.token.cancel();
+        self.answer_at(
+            Instant::now() + CANCEL_GRACE,
+            Stop::Cancelled,
+            "worker: cancelled; the tool did not stop when asked and is still running\n",
+        );
+    }
+
+    fn answer_at(&self, when: Instant, stop: Stop, message: &'static str) {
+        let ticket = self.clone();
+        self.shared
+            .timer
+            .get_or_init(Timer::start)
+            .at(when, move || ticket.answer_early(stop, message));
+    }
+
+    /// Runs on the timer thread: answers for a handler that is late, and
+    /// records its thread as stuck.
+    fn answer_early(&self, stop: Stop, message: &str) {
+        let mut state = lock(&self.state);
+        let stuck_in = match &*state {
+            JobState::Done | JobState::Stuck { .. } => return,
+            JobState::Queued => None,
+            JobState::Running { since, thread } => Some((*since, thread.clone())),
+        };
+        // Counted before the answer goes out: whoever sees the answer may
+        // look at the count next.
+        let stuck = match &stuck_in {
+            Some((since, thread)) => {
+                *state = JobState::Stuck {
+                    since: *since,
+                    thread: thread.clone(),
+                };
+                self.shared.stuck.fetch_add(1, Ordering::AcqRel) + 1
+            }
+            None => 0,
+        };
+        drop(state);
+        self.answer.give(Response::stopped(stop, message));
+        let Some((since, thread)) = stuck_in else {
+            return;
+        };
+        let size = self.shared.size;
+        crate::elog!(
+            "worker: pool thread {thread} is stuck: {} has run {:.1} s and its tool ignores \
+             its {}; answered for it, the thread stays busy until the tool returns \
+             ({stuck} of {size} thread(s) stuck)",
+            self.label,
+            since.elapsed().as_secs_f64(),
+            match stop {
+                Stop::Cancelled => "cancel",
+                Stop::TimedOut => "timeout",
+            },
+        );
+        if stuck >= size {
+            crate::elog!(
+                "worker: WARNING: all {size} pool thread(s) are stuck in tools that ignore \
+                 cancellation: new requests queue until one of them returns"
+            );
+        }
+    }
+
+    /// Runs on a pool thread.
+    fn run(&self, handler: &dyn Handler, request: Request) {
+        if let Some(stop) = self.token.stopped() {
+            // Cancelled or timed out while queued: the client may already
+            // have its answer, and a stuck tool must not take another thread.
+            *lock(&self.state) = JobState::Done;
+            self.answer.give(Response::stopped(
+                stop,
+                "worker: stopped before the tool started\n",
+            ));
+            return;
+        }
+        *lock(&self.state) = JobState::Running {
+            since: Instant::now(),
+            thread: thread::current().name().unwrap_or("?").to_owned(),
+        };
+        let response = run(handler, request);
+        let before = std::mem::replace(&mut *lock(&self.state), JobState::Done);
+        if let JobState::Stuck { since, thread } = before {
+            let left = self.shared.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
+            crate::elog!(
+                "worker: pool thread {thread} is free again: {} returned after {:.1} s \
+                 ({left} thread(s) still stuck)",
+                self.label,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        self.answer.give(response);
+    }
+}
+
+fn describe(request: &Request) -> String {
+    if request.id.is_empty() {
+        "a request".to_owned()
+    } else {
+        format!("request {}", request.id)
     }
 }
 
@@ -193,7 +381,7 @@ impl Timer {
         if let Err(e) = spawned {
             // Without the thread, requests are still answered by their
             // handlers; only the early answer is lost.
-            eprintln!("worker: cannot start the timeout thread: {e}");
+            crate::elog!("worker: cannot start the timeout thread: {e}");
         }
         Timer { sender }
     }

@@ -21,6 +21,8 @@ pub struct Request {
     pub verbosity: i32,
     /// Trips when the client cancels the request or its timeout passes.
     pub cancel: CancelToken,
+    /// How logs name this request (its protocol id); empty if it has none.
+    pub id: String,
 }
 
 impl Request {
@@ -32,6 +34,7 @@ impl Request {
             workdir,
             verbosity: 0,
             cancel: CancelToken::new(),
+            id: String::new(),
         }
     }
 

@@ -273,3 +273,267 @@ fn a_closed_stdout_is_logged_once_and_the_worker_exits_cleanly() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Waits, bounded, until the worker's log contains `text`.
+fn wait_for_log(worker: &Worker, text: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !worker.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "log never said {text:?}: {}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Cancels `id`, whose tool hangs, and requires the cancelled answer within
+/// the pool's cancel grace plus scheduling slack.
+fn cancel_hung(worker: &mut Worker, id: i32) {
+    let sent = Instant::now();
+    worker.send(&common::cancel(id));
+    let (at, response) = worker.recv_timed();
+    assert_eq!(response.request_id, id, "{response:?}");
+    assert!(response.was_cancelled, "{response:?}");
+    let limit = persistent_worker::pool::CANCEL_GRACE + Duration::from_secs(1);
+    assert!(
+        at - sent < limit,
+        "cancel of {id} answered after {:?}",
+        at - sent
+    );
+}
+
+/// A tool that never returns and ignores its token: the Bazel cancel is still
+/// answered, the stuck thread is reported once, the free thread keeps
+/// serving, and once every thread is stuck the log says requests queue.
+#[test]
+fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&["--concurrency", "2"], dir.path());
+    worker.send(&request(1, &["--hang", "h1"]));
+    wait_for_log(&worker, "demo: hanging in h1");
+    cancel_hung(&mut worker, 1);
+    wait_for_log(&worker, "is stuck: request 1 has run");
+    assert!(
+        worker.stderr().contains("(1 of 2 thread(s) stuck)"),
+        "{}",
+        worker.stderr()
+    );
+
+    // The other thread is free and serves.
+    worker.send(&request(2, &["ok.txt"]));
+    let response = worker.recv();
+    assert_eq!((response.request_id, response.exit_code), (2, 0));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ok.txt")).unwrap(),
+        "ok.txt\n"
+    );
+
+    worker.send(&request(3, &["--hang", "h3"]));
+    wait_for_log(&worker, "demo: hanging in h3");
+    cancel_hung(&mut worker, 3);
+    wait_for_log(&worker, "all 2 pool thread(s) are stuck");
+
+    // No thread left: the request queues, says so, and a cancel still
+    // answers it.
+    worker.send(&request(4, &["queued.txt"]));
+    wait_for_log(&worker, "request 4 queued: all 2 pool thread(s) are stuck");
+    cancel_hung(&mut worker, 4);
+    assert!(!dir.path().join("queued.txt").exists());
+
+    let log = worker.stderr();
+    for id in [1, 3] {
+        assert_eq!(
+            log.matches(&format!("is stuck: request {id} has run"))
+                .count(),
+            1,
+            "one stuck report per request: {log}"
+        );
+    }
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Runs the Bazel worker with `prepare` applied in the child before exec,
+/// sends `requests` and closes stdin, and returns the decoded responses and
+/// the exit status, all within a bounded wait.
+fn run_with_fds(
+    args: &[&str],
+    dir: &Path,
+    stderr: Stdio,
+    prepare: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    requests: &[persistent_worker::proto::worker_protocol::WorkRequest],
+) -> (
+    std::process::ExitStatus,
+    Vec<persistent_worker::proto::worker_protocol::WorkResponse>,
+) {
+    use persistent_worker::bazel::WireFormat;
+    use std::io::{Read, Write};
+
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .arg("--persistent_worker")
+        .current_dir(dir)
+        .env_remove("WORKER_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    // SAFETY: the closure only makes async-signal-safe calls.
+    unsafe { command.pre_exec(prepare) };
+    let mut child = command.spawn().expect("spawn worker");
+    // Nothing else reads the child's stderr: a dropped pipe end makes
+    // its writes fail with EPIPE.
+    drop(child.stderr.take());
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.take().unwrap();
+    let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        let _ = out_tx.send(bytes);
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    for r in requests {
+        stdin
+            .write_all(&WireFormat::Proto.encode_request(r))
+            .expect("the worker reads its input");
+    }
+    drop(stdin);
+    let Ok(bytes) = out_rx.recv_timeout(WAIT) else {
+        // SAFETY: the worker this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("the worker never closed its output");
+    };
+    let status = child.wait().unwrap();
+    let mut reader = &bytes[..];
+    let mut responses = Vec::new();
+    while let Some(r) = WireFormat::Proto
+        .read_response(&mut reader, 1 << 20)
+        .expect("well-formed frames")
+    {
+        responses.push(r);
+    }
+    (status, responses)
+}
+
+/// `stray` adds a print to stdout, which the worker points at stderr.
+fn closed_fd_requests(stray: bool) -> Vec<persistent_worker::proto::worker_protocol::WorkRequest> {
+    let second: &[&str] = if stray {
+        &["--print-stdout", "stray", "b.txt"]
+    } else {
+        &["b.txt"]
+    };
+    vec![
+        request(1, &["a.txt"]),
+        request(2, second),
+        request(3, &["--panic", "c.txt"]),
+        request(4, &["d.txt"]),
+    ]
+}
+
+fn check_closed_fd_run(
+    dir: &Path,
+    status: std::process::ExitStatus,
+    mut responses: Vec<persistent_worker::proto::worker_protocol::WorkResponse>,
+) {
+    assert_eq!(status.code(), Some(0), "{responses:?}");
+    responses.sort_by_key(|r| r.request_id);
+    let codes: Vec<(i32, i32)> = responses
+        .iter()
+        .map(|r| (r.request_id, r.exit_code))
+        .collect();
+    assert_eq!(codes, [(1, 0), (2, 0), (3, 1), (4, 0)], "{responses:?}");
+    for name in ["a.txt", "b.txt", "d.txt"] {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(name)).unwrap(),
+            format!("{name}\n")
+        );
+    }
+}
+
+/// Started with fd 2 closed, the worker still logs (into nothing), keeps a
+/// stray print off the protocol stream, and answers every request.
+#[test]
+fn a_worker_started_with_stderr_closed_answers_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, responses) = run_with_fds(
+        &["--concurrency", "2", "--verbose"],
+        dir.path(),
+        Stdio::null(),
+        || {
+            // SAFETY: closing a descriptor is async-signal-safe.
+            unsafe { libc::close(2) };
+            Ok(())
+        },
+        &closed_fd_requests(true),
+    );
+    check_closed_fd_run(dir.path(), status, responses);
+}
+
+/// A log reader that went away (EPIPE on every log line) must not panic the
+/// threads that answer requests. (A tool's own `println!` would still panic
+/// inside its handler, as it would anywhere; that is the tool's error.)
+#[test]
+fn a_worker_whose_stderr_reader_is_gone_answers_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, responses) = run_with_fds(
+        &["--concurrency", "2", "--verbose"],
+        dir.path(),
+        Stdio::piped(),
+        || Ok(()),
+        &closed_fd_requests(false),
+    );
+    check_closed_fd_run(dir.path(), status, responses);
+}
+
+/// An output in a read-only directory is the tool's error, answered with the
+/// path and the reason; the next request is served. As root the permission
+/// bits do not bind, so the worker then runs as `nobody`.
+#[test]
+fn output_in_a_read_only_directory_is_a_clear_error_response() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // SAFETY: reads the test's own effective uid.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (status, mut responses) = run_with_fds(
+        &[],
+        dir.path(),
+        Stdio::null(),
+        move || {
+            if root {
+                // SAFETY: async-signal-safe calls in the child before exec.
+                unsafe {
+                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        },
+        &[request(1, &["ro/out.txt"]), request(2, &["fine.txt"])],
+    );
+    assert_eq!(status.code(), Some(0), "{responses:?}");
+    responses.sort_by_key(|r| r.request_id);
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    let failed = &responses[0];
+    assert_eq!(failed.exit_code, 1, "{failed:?}");
+    assert!(
+        failed.output.contains("cannot write")
+            && failed.output.contains("ro/out.txt")
+            && failed.output.contains("Permission denied"),
+        "{}",
+        failed.output
+    );
+    assert!(!failed.output.contains("panicked"), "{}", failed.output);
+    assert!(!ro.join("out.txt").exists());
+    assert_eq!(responses[1].exit_code, 0, "{:?}", responses[1]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("fine.txt")).unwrap(),
+        "fine.txt\n"
+    );
+}

@@ -20,10 +20,10 @@ use crossbeam_channel::{bounded, Receiver};
 use super::codec::WireFormat;
 use super::framing::FrameError;
 use super::sandbox;
-use crate::pool::Pool;
+use crate::pool::{Pool, Ticket};
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
-use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
+use crate::request::{lock, Handler, Request, Response, Stop};
 
 /// How the loop reads and writes, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ impl ResponseWriter {
         if let Some(stream) = out.as_mut() {
             if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
                 // The client is gone; it will not read anything else either.
-                eprintln!("worker: cannot write response {}: {e}", response.request_id);
+                crate::elog!("worker: cannot write response {}: {e}", response.request_id);
                 out.take();
             }
         }
@@ -76,7 +76,7 @@ impl ResponseWriter {
 /// what a stop signal needs to reach to answer every one of them.
 pub struct Session {
     writer: Arc<ResponseWriter>,
-    in_flight: Arc<Mutex<HashMap<i32, CancelToken>>>,
+    in_flight: Arc<Mutex<HashMap<i32, Ticket>>>,
     /// Signalled whenever a request leaves `in_flight`.
     left: Condvar,
     stopping: AtomicBool,
@@ -104,8 +104,10 @@ impl Session {
         let deadline = Instant::now() + grace;
         let mut table = lock(&self.in_flight);
         self.stopping.store(true, Ordering::Release);
-        for token in table.values() {
-            token.cancel();
+        // The plain token: the stop's own grace, not the cancel's, bounds
+        // the wait for tools that ignore it.
+        for ticket in table.values() {
+            ticket.token().cancel();
         }
         while !table.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -173,8 +175,8 @@ pub fn serve_session(
             Ok(None) => break,
             Err(e) => {
                 writer.close();
-                for token in lock(&in_flight).values() {
-                    token.cancel();
+                for ticket in lock(&in_flight).values() {
+                    ticket.token().cancel();
                 }
                 // Joining would wait for handlers that may not honour the
                 // cancel; the caller exits, so the threads need not finish.
@@ -189,9 +191,9 @@ pub fn serve_session(
         }
         if work.cancel {
             match lock(&in_flight).get(&id) {
-                Some(token) => token.cancel(),
+                Some(ticket) => ticket.cancel(),
                 None if verbose => {
-                    eprintln!("worker: cancel for request {id} ignored: it is not in flight")
+                    crate::elog!("worker: cancel for request {id} ignored: it is not in flight")
                 }
                 None => {}
             }
@@ -210,7 +212,7 @@ pub fn serve_session(
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
             Ok(dir) => dir,
             Err(e) => {
-                eprintln!("worker: request {id}: {e}");
+                crate::elog!("worker: request {id}: {e}");
                 let response = Response::error(1, format!("worker: {e}\n"));
                 writer.send(&to_wire(&identity, id, response));
                 continue;
@@ -218,12 +220,14 @@ pub fn serve_session(
         };
         let mut request = Request::new(work.arguments, workdir);
         request.verbosity = work.verbosity;
+        request.id = id.to_string();
+        let (done_tx, done_rx) = bounded::<()>(1);
         {
             let mut table = lock(&in_flight);
             if table.contains_key(&id) {
                 drop(table);
                 let e = format!("request id {id} is already in flight; ids must be unique");
-                eprintln!("worker: {e}");
+                crate::elog!("worker: {e}");
                 let response = Response::error(1, format!("worker: {e}\n"));
                 writer.send(&to_wire(&identity, id, response));
                 continue;
@@ -237,47 +241,68 @@ pub fn serve_session(
                 writer.send(&to_wire(&identity, id, response));
                 continue;
             }
-            table.insert(id, request.cancel.clone());
             if verbose {
-                eprintln!("worker: request {id} started, {} in flight", table.len());
-            }
-        }
-        let (done_tx, done_rx) = bounded::<()>(1);
-        let writer = Arc::clone(&writer);
-        let session = Arc::clone(session);
-        let identity = Arc::clone(&identity);
-        pool.submit(Arc::clone(&handler), request, move |response| {
-            // Leave the table before answering: once the client has the
-            // response it may reuse the id. The answer is written under the
-            // table's lock so that an empty table means every answer is out
-            // (a stop waits for that), and a request already answered for by
-            // a stop is not answered twice.
-            let mut table = lock(&session.in_flight);
-            if table.remove(&id).is_none() {
-                return;
-            }
-            let left = table.len();
-            if verbose {
-                eprintln!(
-                    "worker: request {id} finished, exit code {}{}, {left} in flight",
-                    response.exit_code,
-                    if response.cancelled {
-                        " (cancelled)"
-                    } else {
-                        ""
-                    }
+                crate::elog!(
+                    "worker: request {id} started, {} in flight",
+                    table.len() + 1
                 );
             }
-            writer.send(&to_wire(&identity, id, response));
-            drop(table);
-            session.left.notify_all();
-            let _ = done_tx.send(());
-        });
+            let writer = Arc::clone(&writer);
+            let session = Arc::clone(session);
+            let identity = Arc::clone(&identity);
+            // Submitted under the table's lock, so the answer, which needs
+            // the lock, cannot come before the ticket is in the table.
+            let ticket = pool.submit(Arc::clone(&handler), request, move |response| {
+                // Leave the table before answering: once the client has the
+                // response it may reuse the id. The answer is written under
+                // the table's lock so that an empty table means every answer
+                // is out (a stop waits for that), and a request already
+                // answered for by a stop is not answered twice.
+                let mut table = lock(&session.in_flight);
+                if table.remove(&id).is_none() {
+                    return;
+                }
+                let left = table.len();
+                if verbose {
+                    crate::elog!(
+                        "worker: request {id} finished, exit code {}{}, {left} in flight",
+                        response.exit_code,
+                        if response.cancelled {
+                            " (cancelled)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                writer.send(&to_wire(&identity, id, response));
+                drop(table);
+                session.left.notify_all();
+                let _ = done_tx.send(());
+            });
+            table.insert(id, ticket);
+        }
         if id == 0 {
             singleplex = Some(done_rx);
         }
     }
-    pool.join();
+    // Every request answered first; only then is it known whether a thread
+    // is left in a tool that ignored its cancel, which joining would wait
+    // for without end.
+    let mut table = lock(&in_flight);
+    while !table.is_empty() {
+        table = match session.left.wait(table) {
+            Ok(table) => table,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+    }
+    drop(table);
+    let stuck = pool.stuck();
+    if stuck > 0 {
+        crate::elog!("worker: end of input; leaving {stuck} stuck pool thread(s) behind");
+        pool.detach();
+    } else {
+        pool.join();
+    }
     Ok(())
 }
 
@@ -294,7 +319,7 @@ fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
 }
 
 fn log_request(work: &WorkRequest) {
-    eprintln!(
+    crate::elog!(
         "worker: request {}{}: {} argument(s), {} input(s), verbosity {}{}: {}",
         work.request_id,
         if work.cancel { " (cancel)" } else { "" },

@@ -121,7 +121,7 @@ impl Bridge {
         match Child::start(&self.spawner, &self.spec) {
             Ok(child) => {
                 if self.settings.verbose {
-                    eprintln!(
+                    crate::elog!(
                         "bridge: started child pid {}: {} --persistent_worker",
                         child.pid(),
                         self.spec.display()
@@ -349,7 +349,7 @@ impl Bridge {
 impl Handler for Bridge {
     fn handle(&self, request: &Request) -> Response {
         if self.settings.verbose && !request.env.is_empty() {
-            eprintln!(
+            crate::elog!(
                 "bridge: {} env entr(ies) of the request not forwarded: a WorkRequest has no \
                  environment; the child runs with the bridge's",
                 request.env.len()
@@ -380,7 +380,7 @@ impl Handler for Bridge {
             }
         }
         for child in &left {
-            eprintln!(
+            crate::elog!(
                 "bridge: child pid {} did not exit within {} ms of end of input; killing it",
                 child.pid(),
                 EXIT_BOUND.as_millis()

@@ -313,7 +313,7 @@ impl Requests {
         let key = self.next_key;
         self.next_key += 1;
         if shared.verbose {
-            eprintln!(
+            crate::elog!(
                 "worker: {} started: {} argument(s), {} env entr(ies), timeout {}",
                 self.name(id),
                 request.args.len(),
@@ -379,7 +379,7 @@ fn log_finished(name: &str, response: &Response) {
     if response.timed_out {
         how.push_str(", timed out");
     }
-    eprintln!(
+    crate::elog!(
         "worker: {name} finished: exit code {}{how}",
         response.exit_code
     );
@@ -453,7 +453,7 @@ impl<P: Protocol> Call<P> {
     /// answer, so stop the work and free the pool slots.
     fn abandon(&mut self, why: &str) -> Poll<()> {
         if self.requests.shared.verbose || !self.requests.running.is_empty() {
-            eprintln!(
+            crate::elog!(
                 "worker: {} ended by the client ({why}); cancelling {} running request(s)",
                 self.requests.label,
                 self.requests.running.len()
@@ -465,7 +465,7 @@ impl<P: Protocol> Call<P> {
     }
 
     fn fail(&mut self, status: RpcStatus) {
-        eprintln!(
+        crate::elog!(
             "worker: {} rejected: {}",
             self.requests.label,
             status.message()
@@ -504,7 +504,7 @@ impl<P: Protocol> Call<P> {
                     };
                     if let Err(e) = futures_util::ready!(Pin::new(sink).poll_close(cx)) {
                         if self.requests.shared.verbose {
-                            eprintln!("worker: {} could not finish: {e}", self.requests.label);
+                            crate::elog!("worker: {} could not finish: {e}", self.requests.label);
                         }
                     }
                     return Poll::Ready(());

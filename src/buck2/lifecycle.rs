@@ -103,7 +103,7 @@ impl Parent {
                 )
             };
             if rc != 0 {
-                eprintln!(
+                crate::elog!(
                     "persistent-worker: cannot watch the parent process: {}",
                     io::Error::last_os_error()
                 );
@@ -147,7 +147,7 @@ impl Parent {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!("persistent-worker: cannot watch the parent process: {e}");
+            crate::elog!("persistent-worker: cannot watch the parent process: {e}");
         }
     }
 }

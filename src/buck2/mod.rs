@@ -47,7 +47,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     let signals = match Signals::block() {
         Ok(signals) => signals,
         Err(e) => {
-            eprintln!("persistent-worker: cannot block stop signals: {e}");
+            crate::elog!("persistent-worker: cannot block stop signals: {e}");
             return 2;
         }
     };
@@ -55,18 +55,18 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     let cwd = match std::env::current_dir() {
         Ok(cwd) => cwd,
         Err(e) => {
-            eprintln!("persistent-worker: cannot read the current directory: {e}");
+            crate::elog!("persistent-worker: cannot read the current directory: {e}");
             return 2;
         }
     };
     if let Err(e) = socket::prepare(socket) {
-        eprintln!("persistent-worker: {e}");
+        crate::elog!("persistent-worker: {e}");
         return 2;
     }
     let address = match socket::Address::for_path(socket) {
         Ok(address) => address,
         Err(e) => {
-            eprintln!("persistent-worker: {e}");
+            crate::elog!("persistent-worker: {e}");
             return 2;
         }
     };
@@ -91,7 +91,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     let mut server = match built {
         Ok(server) => server,
         Err(e) => {
-            eprintln!("persistent-worker: cannot create the gRPC server: {e}");
+            crate::elog!("persistent-worker: cannot create the gRPC server: {e}");
             return 2;
         }
     };
@@ -99,7 +99,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         server.add_listening_port(address.uri.as_str(), ServerCredentials::insecure())
     });
     if let Err(e) = listening {
-        eprintln!(
+        crate::elog!(
             "persistent-worker: cannot listen on {}: {e}",
             socket.display()
         );
@@ -107,7 +107,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     }
     server.start();
     let bound = socket::Bound::new(socket);
-    eprintln!(
+    crate::elog!(
         "persistent-worker: Buck2 worker listening on {} (concurrency {}, pid {}, cwd {})",
         socket.display(),
         settings.concurrency,
@@ -119,7 +119,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         let signal = signals.wait();
         if signal == libc::SIGHUP {
             if !parent.is_gone() {
-                eprintln!(
+                crate::elog!(
                     "persistent-worker: SIGHUP while parent {} is alive (the thread that started \
                      this worker exited); watching the parent by polling",
                     parent.pid()
@@ -129,7 +129,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
             }
             let cancelled = tracker.drain();
             tracker.cancel_all();
-            eprintln!(
+            crate::elog!(
                 "persistent-worker: parent process {} exited; stopping ({cancelled} request(s) cancelled)",
                 parent.pid()
             );
@@ -139,7 +139,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         }
         let name = lifecycle::signal_name(signal);
         let running = tracker.drain();
-        eprintln!(
+        crate::elog!(
             "persistent-worker: {name}: no new requests; waiting up to {} ms for {running} running request(s)",
             settings.shutdown_grace.as_millis()
         );
@@ -154,7 +154,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         let mut idle = tracker.wait_idle(deadline);
         if !idle {
             let cancelled = tracker.cancel_all();
-            eprintln!("persistent-worker: grace period over; cancelled {cancelled} request(s)");
+            crate::elog!("persistent-worker: grace period over; cancelled {cancelled} request(s)");
             idle = tracker.wait_idle(Instant::now() + lifecycle::AFTER_CANCEL);
         }
         if idle {
@@ -178,7 +178,7 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
             });
         let _ = flushed.recv_timeout(lifecycle::TEARDOWN);
         tool.shutdown();
-        eprintln!("persistent-worker: stopped");
+        crate::elog!("persistent-worker: stopped");
         drop(address);
         std::process::exit(0);
     }

@@ -201,7 +201,7 @@ impl Bound {
         };
         if m.file_type().is_socket() && self.id == Some((m.dev(), m.ino())) {
             if let Err(e) = std::fs::remove_file(&self.path) {
-                eprintln!(
+                crate::elog!(
                     "persistent-worker: cannot remove socket {}: {e}",
                     self.path.display()
                 );
