@@ -4,18 +4,18 @@
 //! the Buck2 front end by a grpcio client and `worker-client`, and through the
 //! Bazel front end.
 
+mod grpc_support;
+use grpc_support::{env, wait, within};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use grpcio::{CallOption, Environment, WriteFlags};
+use grpcio::{CallOption, WriteFlags};
 use persistent_worker::bazel::WireFormat;
-use persistent_worker::buck2::lifecycle::block_on_until;
 use persistent_worker::buck2::service::{self, Connection, EXECUTE, EXECUTE_STREAM};
 use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream, ExecuteResponse};
 use persistent_worker::proto::worker_protocol::WorkRequest;
@@ -25,31 +25,6 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
 
 fn testdata(name: &str) -> String {
     format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs a test body on its own thread and fails it after `limit`.
-fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = channel();
-    let runner = thread::spawn(move || {
-        let _ = tx.send(body());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(value) => value,
-        Err(RecvTimeoutError::Disconnected) => match runner.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the body sends before it returns"),
-        },
-        Err(RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
-    }
-}
-
-fn wait<F: std::future::Future + Unpin>(mut future: F, limit: Duration) -> F::Output {
-    block_on_until(&mut future, Instant::now() + limit)
-        .unwrap_or_else(|| panic!("call did not complete within {limit:?}"))
-}
-
-fn env() -> Arc<Environment> {
-    Arc::new(Environment::new(1))
 }
 
 fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {

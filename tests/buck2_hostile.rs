@@ -2,17 +2,17 @@
 //! commands, protocol misuse on `Exec`, idle and vanishing clients. Each case
 //! drives the real binary over its real socket with a grpcio client.
 
+mod grpc_support;
+use grpc_support::{env, wait, within};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use grpcio::{CallOption, Environment, RpcStatusCode, WriteFlags};
-use persistent_worker::buck2::lifecycle::block_on_until;
+use grpcio::{CallOption, RpcStatusCode, WriteFlags};
 use persistent_worker::buck2::service::{self, Connection, EXEC, EXECUTE, EXECUTE_STREAM};
 use persistent_worker::proto::worker::execute_command::EnvironmentEntry;
 use persistent_worker::proto::worker::{
@@ -25,30 +25,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
 /// Set in the environment of the child process that plays a client which
 /// gets killed mid-call; the value is the worker's socket.
 const KILLED_CLIENT_SOCKET: &str = "BUCK2_HOSTILE_KILLED_CLIENT_SOCKET";
-
-fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = channel();
-    let runner = thread::spawn(move || {
-        let _ = tx.send(body());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(value) => value,
-        Err(RecvTimeoutError::Disconnected) => match runner.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the body sends before it returns"),
-        },
-        Err(RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
-    }
-}
-
-fn wait<F: std::future::Future + Unpin>(mut future: F, limit: Duration) -> F::Output {
-    block_on_until(&mut future, Instant::now() + limit)
-        .unwrap_or_else(|| panic!("call did not complete within {limit:?}"))
-}
-
-fn env() -> Arc<Environment> {
-    Arc::new(Environment::new(1))
-}
 
 fn opt() -> CallOption {
     CallOption::default().timeout(Duration::from_secs(30))

@@ -1,6 +1,8 @@
 //! The Buck2 mode end to end: the real binary serving on a real Unix socket,
 //! driven by a grpcio client through the crate's public method descriptors.
 
+mod grpc_support;
+use grpc_support::{env, wait, within};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{CallOption, Environment, RpcStatusCode, WriteFlags};
-use persistent_worker::buck2::lifecycle::block_on_until;
 use persistent_worker::buck2::service::{self, Connection, EXEC, EXECUTE, EXECUTE_STREAM};
 use persistent_worker::pool::TIMEOUT_GRACE;
 use persistent_worker::proto::worker::execute_command::EnvironmentEntry;
@@ -22,33 +23,6 @@ use persistent_worker::proto::worker::{
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
-
-/// Runs a test body on its own thread and fails it if it takes longer than
-/// `limit`, so a hung worker or call cannot hang the suite.
-fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = channel();
-    let runner = thread::spawn(move || {
-        let _ = tx.send(body());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(value) => value,
-        Err(RecvTimeoutError::Disconnected) => match runner.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the body sends before it returns"),
-        },
-        Err(RecvTimeoutError::Timeout) => panic!("test did not finish within {limit:?}"),
-    }
-}
-
-/// Waits for a gRPC future with a deadline.
-fn wait<F: std::future::Future + Unpin>(mut future: F, limit: Duration) -> F::Output {
-    block_on_until(&mut future, Instant::now() + limit)
-        .unwrap_or_else(|| panic!("call did not complete within {limit:?}"))
-}
-
-fn env() -> Arc<Environment> {
-    Arc::new(Environment::new(1))
-}
 
 /// A worker process with its stderr read line by line.
 struct Worker {
