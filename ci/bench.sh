@@ -84,7 +84,12 @@ floor_pipe="$release/examples/bench_floor_pipe"
 floor_proto="$release/examples/bench_floor_proto"
 floor_grpc="$release/examples/bench_floor_grpc"
 noop=(--request --noop)
-write=(--request 'out-{n}.txt')
+# Each write row writes new files in a directory of its own. Rewriting files
+# that an earlier row left behind costs several times more on ext4 (truncating
+# a file with data starts its writeback at close: auto_da_alloc), which made
+# the later write rows look slow for a reason that is not the worker's.
+fresh() { mktemp -d "$work/files.XXXXXX"; }
+write() { write=(--request "$(fresh)/out-{n}.txt"); }
 n=(--requests "$requests")
 
 # The process floor: a static binary that prints "hello" and exits.
@@ -107,23 +112,29 @@ spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
 
 echo "worker" >&2
 row "bazel proto singleplex noop" "floor proto" latency bazel "${n[@]}" "${noop[@]}" -- "$worker"
+write
 row "bazel proto singleplex write" "floor proto" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
 row "bazel json singleplex noop" "bazel proto singleplex noop" latency \
   bazel "${n[@]}" --json "${noop[@]}" -- "$worker" --worker-protocol json
+write
 row "bazel json singleplex write" "bazel proto singleplex write" latency \
   bazel "${n[@]}" --json "${write[@]}" -- "$worker" --worker-protocol json
+write
 row "bazel proto multiplex 1 write" "floor proto" latency \
   bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
 for c in 4 16 64; do
+  write
   row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
     bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"
 done
-echo out-remote.txt >remote.args
+# Remote executors send the same argument file every time: one file rewritten.
+echo "$(fresh)/out-remote.txt" >remote.args
 row "remote proto write" "floor proto" latency remote "${n[@]}" -- "$worker" @remote.args
 for c in 1 4 16; do
   row "buck2 Execute c$c" "floor grpc unary c$c" latency \
     buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
 done
+write
 row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
 for c in 16 64; do
   row "buck2 ExecuteStream $c" "floor grpc bidi $c" latency \
@@ -135,7 +146,7 @@ for c in 1 4; do
   row "bridge buck2 Execute c$c" "buck2 Execute c$c" latency \
     buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c" --bridge -- "$worker"
 done
-spawn_row "oneshot write" "floor process" "$(min "$requests" 1000)" "$worker" oneshot-out.txt
+spawn_row "oneshot write" "floor process" "$(min "$requests" 1000)" "$worker" "$(fresh)/oneshot-out.txt"
 
 echo "start-up (median of $starts)" >&2
 row "start-up bazel to first response" - startup \
