@@ -5,8 +5,8 @@
 use std::io::{self, BufReader, Read};
 
 use persistent_worker::argfile;
-use persistent_worker::bazel::WireFormat;
-use persistent_worker::proto::worker_protocol::{Input, WorkRequest};
+use persistent_worker::bazel::{json_mapping, WireFormat};
+use persistent_worker::proto::worker_protocol::{Input, WorkRequest, WorkResponse};
 use proptest::prelude::*;
 
 fn work_request() -> impl Strategy<Value = WorkRequest> {
@@ -39,6 +39,64 @@ fn work_request() -> impl Strategy<Value = WorkRequest> {
             r.sandbox_dir = sandbox;
             r
         })
+}
+
+fn work_response() -> impl Strategy<Value = WorkResponse> {
+    (any::<i32>(), any::<String>(), any::<i32>(), any::<bool>()).prop_map(
+        |(exit_code, output, id, cancelled)| {
+            let mut r = WorkResponse::new();
+            r.exit_code = exit_code;
+            r.output = output;
+            r.request_id = id;
+            r.was_cancelled = cancelled;
+            r
+        },
+    )
+}
+
+/// JSON values of every type a field may meet, spelled the ways clients
+/// spell them and the ways they should not.
+fn json_value() -> impl Strategy<Value = String> {
+    let scalar = prop_oneof![
+        any::<i32>().prop_map(|n| n.to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        (0u32..1000).prop_map(|n| format!("0{n}")),
+        any::<i16>().prop_map(|n| format!("{n}.0")),
+        any::<i16>().prop_map(|n| format!("{n}e0")),
+        any::<i16>().prop_map(|n| format!("\"{n}\"")),
+        Just("true".to_owned()),
+        Just("false".to_owned()),
+        Just("null".to_owned()),
+        r#""([a-zA-Z0-9 +/=]|\\[\\/"bfnrt]|\\u00[0-9a-fA-F]{2}|\\x)*""#,
+        r#""[A-Za-z0-9+/_-]{0,7}={0,3}""#,
+    ]
+    .boxed();
+    prop_oneof![
+        3 => scalar.clone(),
+        1 => prop::collection::vec(scalar.clone(), 0..3).prop_map(|v| format!("[{}]", v.join(", "))),
+        1 => prop::collection::vec(
+            prop::collection::vec((prop_oneof![Just("path"), Just("digest"), Just("x")], scalar), 0..3),
+            0..3,
+        )
+        .prop_map(|objects| {
+            let objects: Vec<String> = objects
+                .iter()
+                .map(|fields| {
+                    let fields: Vec<String> =
+                        fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+                    format!("{{{}}}", fields.join(", "))
+                })
+                .collect();
+            format!("[{}]", objects.join(","))
+        }),
+    ]
+}
+
+fn library_options() -> protobuf_json_mapping::ParseOptions {
+    protobuf_json_mapping::ParseOptions {
+        ignore_unknown_fields: true,
+        ..Default::default()
+    }
 }
 
 /// Hands out `bytes` in reads whose sizes cycle through `sizes`.
@@ -94,6 +152,51 @@ proptest! {
         let bytes: Vec<u8> = requests.iter().flat_map(|r| format.encode_request(r)).collect();
         let pieces = Pieces { bytes, at: 0, sizes, turn: 0 };
         prop_assert_eq!(decode_all(format, pieces, buffer), requests);
+    }
+
+    // The hand-written JSON mapping against the library it stands in for.
+    #[test]
+    fn json_by_hand_prints_and_parses_like_the_library(
+        request in work_request(),
+        response in work_response(),
+    ) {
+        let text = json_mapping::print_request(&request);
+        prop_assert_eq!(&text, &protobuf_json_mapping::print_to_string(&request).unwrap());
+        prop_assert_eq!(json_mapping::parse_request(&text), Some(request));
+        let text = json_mapping::print_response(&response);
+        prop_assert_eq!(&text, &protobuf_json_mapping::print_to_string(&response).unwrap());
+        prop_assert_eq!(json_mapping::parse_response(&text), Some(response));
+    }
+
+    // Text that is only nearly JSON, or JSON in shapes the printer never
+    // writes: whatever the hand-written parser accepts, the library reads the
+    // same way (the one difference, surrogate pairs, is kept out).
+    #[test]
+    fn json_by_hand_accepts_nothing_the_library_reads_differently(
+        fields in prop::collection::vec(
+            (
+                prop_oneof![
+                    Just("arguments"), Just("inputs"), Just("requestId"), Just("request_id"),
+                    Just("cancel"), Just("verbosity"), Just("sandboxDir"), Just("exitCode"),
+                    Just("output"), Just("wasCancelled"), Just("path"), Just("digest"),
+                ],
+                json_value(),
+            ),
+            0..4,
+        ),
+    ) {
+        let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        let text = format!("{{{}}}", body.join(", "));
+        if let Some(fast) = json_mapping::parse_request(&text) {
+            let slow: Result<WorkRequest, _> =
+                protobuf_json_mapping::parse_from_str_with_options(&text, &library_options());
+            prop_assert_eq!(Some(fast), slow.ok(), "{}", text);
+        }
+        if let Some(fast) = json_mapping::parse_response(&text) {
+            let slow: Result<WorkResponse, _> =
+                protobuf_json_mapping::parse_from_str_with_options(&text, &library_options());
+            prop_assert_eq!(Some(fast), slow.ok(), "{}", text);
+        }
     }
 
     #[test]

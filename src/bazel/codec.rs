@@ -8,6 +8,7 @@ use protobuf::Message;
 
 use super::framing::{self, FrameError};
 use super::json;
+use super::json_mapping;
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
 
@@ -51,6 +52,9 @@ impl WireFormat {
                 Some(bytes) => {
                     let text = std::str::from_utf8(&bytes)
                         .map_err(|e| FrameError::Malformed(format!("JSON is not UTF-8: {e}")))?;
+                    if let Some(request) = json_mapping::parse_request(text) {
+                        return Ok(Some(request));
+                    }
                     let options = protobuf_json_mapping::ParseOptions {
                         ignore_unknown_fields: true,
                         ..Default::default()
@@ -72,8 +76,7 @@ impl WireFormat {
                 framing::encode_frame(&response.write_to_bytes().unwrap_or_default())
             }
             WireFormat::Json => {
-                let mut line = protobuf_json_mapping::print_to_string(response)
-                    .unwrap_or_else(|_| "{}".to_owned());
+                let mut line = json_mapping::print_response(response);
                 line.push('\n');
                 line.into_bytes()
             }
@@ -87,8 +90,7 @@ impl WireFormat {
                 framing::encode_frame(&request.write_to_bytes().unwrap_or_default())
             }
             WireFormat::Json => {
-                let mut line = protobuf_json_mapping::print_to_string(request)
-                    .unwrap_or_else(|_| "{}".to_owned());
+                let mut line = json_mapping::print_request(request);
                 line.push('\n');
                 line.into_bytes()
             }
@@ -112,6 +114,9 @@ impl WireFormat {
                 None => Ok(None),
                 Some(bytes) => {
                     let text = String::from_utf8_lossy(&bytes);
+                    if let Some(response) = json_mapping::parse_response(&text) {
+                        return Ok(Some(response));
+                    }
                     let options = protobuf_json_mapping::ParseOptions {
                         ignore_unknown_fields: true,
                         ..Default::default()

@@ -3,6 +3,7 @@
 //!
 //! - [`framing`]: varint length-delimited frames (parsing without I/O).
 //! - [`json`]: splitting a stream into JSON objects.
+//! - [`json_mapping`]: the two messages in protobuf's JSON mapping, by hand.
 //! - [`codec`]: `WorkRequest` / `WorkResponse` in either encoding.
 //! - [`sandbox`]: validating a request's `sandbox_dir`.
 //! - [`worker`]: the read loop, in-flight table, cancellation and writer.
@@ -10,6 +11,7 @@
 pub mod codec;
 pub mod framing;
 pub mod json;
+pub mod json_mapping;
 pub mod sandbox;
 pub mod worker;
 
