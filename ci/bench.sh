@@ -108,6 +108,12 @@ done
 for c in 16 64; do
   row "floor grpc bidi $c" - latency buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
 done
+# Execute served as the worker serves it (a stream of one message each way,
+# so that a dropped call is seen while its request runs): the part of the gap
+# to the unary floor that is gRPC's price for that.
+row "floor grpc unary as duplex c1" - latency \
+  buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-as-duplex
+row "floor grpc client-streaming c1" - latency buck2 "${n[@]}" --exec "${noop[@]}" -- "$floor_grpc"
 spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
 
 echo "worker" >&2
@@ -134,6 +140,8 @@ for c in 1 4 16; do
   row "buck2 Execute c$c" "floor grpc unary c$c" latency \
     buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
 done
+row "buck2 Exec c1" "floor grpc client-streaming c1" latency \
+  buck2 "${n[@]}" --exec "${noop[@]}" -- "$worker"
 write
 row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
 for c in 16 64; do

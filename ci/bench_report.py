@@ -207,6 +207,10 @@ def print_targets(by_name, rows):
          ratio(p50("bazel json singleplex noop"), p50("bazel proto singleplex noop")), "<=", 1.5),
         ("Buck2 Execute no-op ≤ 1.2× gRPC floor (p50)",
          ratio(p50("buck2 Execute c1"), p50("floor grpc unary c1")), "<=", 1.2),
+        ("  beside: Buck2 Execute no-op / Execute served as duplex floor (p50; no target)",
+         ratio(p50("buck2 Execute c1"), p50("floor grpc unary as duplex c1")), None, None),
+        ("  beside: unary as duplex floor / unary floor (p50; gRPC's price for seeing a dropped call)",
+         ratio(p50("floor grpc unary as duplex c1"), p50("floor grpc unary c1")), None, None),
         ("ExecuteStream 16 throughput ≥ 0.9× streaming floor",
          ratio(rps("buck2 ExecuteStream 16"), rps("floor grpc bidi 16")), ">=", 0.9),
         ("ExecuteStream 64 throughput ≥ 0.9× streaming floor",
@@ -242,6 +246,9 @@ def print_targets(by_name, rows):
     for label, value, op, limit in checks:
         if value is None:
             print(f"  n/a   {label}")
+            continue
+        if op is None:
+            print(f"        {label}: {value:.2f}")
             continue
         ok = value <= limit if op == "<=" else value >= limit
         print(f"  {'met ' if ok else 'MISS'}  {label}: {value:.2f}")

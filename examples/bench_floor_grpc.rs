@@ -7,6 +7,11 @@
 //! - `/worker.WorkerStreaming/ExecuteStream`, bidi-streaming: every message
 //!   comes back as it arrives.
 //!
+//! With `--execute-as-duplex`, `Execute` is served the way the worker serves
+//! it: as a bidi stream that carries one message each way (so that a client
+//! dropping the call is seen while the request runs). The difference between
+//! the two `Execute` floors is the price of that, not of the worker's code.
+//!
 //! No protobuf decoding and no thread beyond gRPC's own. An echoed
 //! `ExecuteCommand` decodes as an `ExecuteResponse` with exit code 0 (argv and
 //! env have wire types that `ExecuteResponse` does not use for those numbers,
@@ -56,17 +61,39 @@ const CLIENT_STREAMING: Method<Vec<u8>, Vec<u8>> =
     echo_method(MethodType::ClientStreaming, "/worker.Worker/Exec");
 const BIDI: Method<Vec<u8>, Vec<u8>> =
     echo_method(MethodType::Duplex, "/worker.WorkerStreaming/ExecuteStream");
+const UNARY_AS_DUPLEX: Method<Vec<u8>, Vec<u8>> =
+    echo_method(MethodType::Duplex, "/worker.Worker/Execute");
 
 fn main() -> ExitCode {
     let Some(socket) = std::env::var_os("WORKER_SOCKET") else {
         eprintln!("bench_floor_grpc: WORKER_SOCKET is not set");
         return ExitCode::from(2);
     };
+    let as_duplex = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--execute-as-duplex") => true,
+        Some(other) => {
+            eprintln!("bench_floor_grpc: unknown argument {other:?}");
+            return ExitCode::from(2);
+        }
+    };
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
-    let service = ServiceBuilder::new()
-        .add_unary_handler(&UNARY, |ctx, request, sink| {
+    let service = ServiceBuilder::new();
+    let service = if as_duplex {
+        service.add_duplex_streaming_handler(&UNARY_AS_DUPLEX, |ctx, mut requests, mut sink| {
+            ctx.spawn(async move {
+                if let Ok(Some(request)) = requests.try_next().await {
+                    let _ = sink.send((request, WriteFlags::default())).await;
+                }
+                let _ = sink.close().await;
+            });
+        })
+    } else {
+        service.add_unary_handler(&UNARY, |ctx, request, sink| {
             ctx.spawn(sink.success(request).map(|_| ()));
         })
+    };
+    let service = service
         .add_client_streaming_handler(&CLIENT_STREAMING, |ctx, mut requests, sink| {
             ctx.spawn(async move {
                 if let Ok(Some(first)) = requests.try_next().await {

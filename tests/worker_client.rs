@@ -561,6 +561,43 @@ fn buck2_execute_with_env() {
 }
 
 #[test]
+fn buck2_exec_sends_each_command_as_an_exec_call() {
+    let d = dir();
+    let r = client(
+        &[
+            "buck2",
+            "--exec",
+            "--worker-stderr",
+            "--request",
+            "a.txt",
+            "--request",
+            "b.txt",
+            "--",
+            WORKER,
+            "--verbose",
+        ],
+        d.path(),
+    );
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .contains("2 response(s) via Exec: 0 failed; protocol OK"),
+        "{}",
+        r.stdout
+    );
+    // The worker names the method each call came by.
+    assert_eq!(
+        r.stderr.matches("worker: Exec #").count(),
+        4,
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("worker: Execute #"), "{}", r.stderr);
+    assert_eq!(read(d.path(), "a.txt"), "a.txt\n");
+    assert_eq!(read(d.path(), "b.txt"), "b.txt\n");
+}
+
+#[test]
 fn buck2_stream_keeps_requests_in_flight() {
     let d = dir();
     let r = client(
@@ -649,15 +686,14 @@ fn buck2_worker_that_exits_early_or_never_listens() {
 fn buck2_bench() {
     let d = dir();
     let json_path = d.path().join("b.json");
-    for (stream, requests, protocol) in [
-        (false, "100", "grpc Execute"),
-        (true, "60", "grpc ExecuteStream"),
+    for (method, requests, protocol) in [
+        (None, "100", "grpc Execute"),
+        (Some("--stream"), "60", "grpc ExecuteStream"),
+        (Some("--exec"), "40", "grpc Exec"),
     ] {
         assert!(!json_path.exists());
         let mut args = vec!["buck2", "--requests", requests, "--concurrency", "2"];
-        if stream {
-            args.push("--stream");
-        }
+        args.extend(method);
         args.extend_from_slice(&[
             "--json-out",
             "b.json",

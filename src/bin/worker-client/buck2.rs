@@ -20,9 +20,10 @@ use crossbeam_channel::unbounded;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{CallOption, EnvBuilder, RpcStatusCode, WriteFlags};
 use persistent_worker::buck2::lifecycle::block_on_until;
-use persistent_worker::buck2::service::{self, Connection, EXECUTE, EXECUTE_STREAM};
+use persistent_worker::buck2::service::{self, Connection, EXEC, EXECUTE, EXECUTE_STREAM};
 use persistent_worker::proto::worker::{
-    execute_command::EnvironmentEntry, ExecuteCommand, ExecuteCommandStream, ExecuteResponse,
+    execute_command::EnvironmentEntry, ExecuteCommand, ExecuteCommandStream, ExecuteEvent,
+    ExecuteResponse,
 };
 
 use crate::bench::Measurement;
@@ -256,7 +257,44 @@ enum Progress<'a> {
     Answered(&'a Answer),
 }
 
-/// Sends every command as its own `Execute` call, `concurrency` at a time.
+fn method(options: &Options) -> &'static str {
+    if options.exec {
+        "Exec"
+    } else {
+        "Execute"
+    }
+}
+
+/// One command as one call: `Execute` (unary), or with `exec` the
+/// client-streaming `Exec` (the command as its one event, then half-close).
+/// `None` when no answer came by `deadline`.
+fn call(
+    client: &grpcio::Client,
+    exec: bool,
+    request: &ExecuteCommand,
+    deadline: Instant,
+) -> grpcio::Result<Option<grpcio::Result<ExecuteResponse>>> {
+    if !exec {
+        let mut call = client.unary_call_async(&EXECUTE, request, CallOption::default())?;
+        return Ok(block_on_until(&mut call, deadline));
+    }
+    let (mut sink, mut receiver) = client.client_streaming(&EXEC, CallOption::default())?;
+    let mut event = ExecuteEvent::new();
+    event.set_command(request.clone());
+    let mut sent = Box::pin(async move {
+        sink.send((event, WriteFlags::default())).await?;
+        sink.close().await
+    });
+    match block_on_until(&mut sent, deadline) {
+        None => return Ok(None),
+        // A refused write shows as the call's status below.
+        Some(_) => {}
+    }
+    Ok(block_on_until(&mut receiver, deadline))
+}
+
+/// Sends every command as its own `Execute` (or `Exec`) call, `concurrency`
+/// at a time.
 fn execute_all(
     worker: &mut Worker,
     options: &Options,
@@ -285,8 +323,8 @@ fn execute_all(
             let deadline = sent + options.timeout;
             let mut result = Err("no attempt".to_owned());
             for attempt in 1..=EXECUTE_ATTEMPTS {
-                result = match client.unary_call_async(&EXECUTE, &request, CallOption::default()) {
-                    Ok(mut call) => match block_on_until(&mut call, deadline) {
+                result = match call(&client, options.exec, &request, deadline) {
+                    Ok(outcome) => match outcome {
                         Some(Ok(response)) => Ok(response),
                         Some(Err(grpcio::Error::RpcFailure(status)))
                             if status.code() == RpcStatusCode::UNAVAILABLE
@@ -294,13 +332,15 @@ fn execute_all(
                         {
                             continue
                         }
-                        Some(Err(e)) => Err(format!("Execute for request {n} failed: {e}")),
+                        Some(Err(e)) => {
+                            Err(format!("{} for request {n} failed: {e}", method(&options)))
+                        }
                         None => Err(format!(
                             "no response to request {n} within {} ms (--timeout-ms)",
                             options.timeout.as_millis()
                         )),
                     },
-                    Err(e) => Err(format!("cannot start an Execute call: {e}")),
+                    Err(e) => Err(format!("cannot start an {} call: {e}", method(&options))),
                 };
                 break;
             }
@@ -522,7 +562,7 @@ pub fn run(options: &Options) -> Result<Outcome, Failure> {
         if options.stream {
             "ExecuteStream"
         } else {
-            "Execute"
+            method(options)
         }
     );
     Ok(Outcome {
@@ -546,6 +586,8 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     worker.stop();
     let transport = if options.stream {
         "grpc ExecuteStream"
+    } else if options.exec {
+        "grpc Exec"
     } else {
         "grpc Execute"
     };

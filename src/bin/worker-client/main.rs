@@ -28,7 +28,7 @@ use persistent_worker::cli::{number, os_text, text};
 const USAGE: &str = "\
 usage: worker-client bazel  [OPTIONS] [--json] [--multiplex N] [--cancel-after MS] -- WORKER...
        worker-client remote [OPTIONS] [--json] [--input PATH]... -- COMMAND...
-       worker-client buck2  [OPTIONS] [--stream] [--concurrency N] -- WORKER...
+       worker-client buck2  [OPTIONS] [--stream|--exec] [--concurrency N] -- WORKER...
 
 Drives a persistent worker as Bazel (stdin/stdout, started with
 --persistent_worker), a remote executor (COMMAND is the action's command
@@ -56,6 +56,8 @@ bazel / remote:
 
 buck2:
   --stream              WorkerStreaming.ExecuteStream instead of Worker.Execute
+  --exec                Worker.Exec (client-streaming: the command, then
+                        half-close) instead of Worker.Execute
   --concurrency N       requests in flight (default 1)
   --env KEY=VALUE       environment entry sent with every request
   --action-timeout-s N  ExecuteCommand.timeout_s
@@ -142,6 +144,7 @@ pub struct Options {
     pub inputs: Vec<PathBuf>,
     pub verbosity: i32,
     pub stream: bool,
+    pub exec: bool,
     pub concurrency: usize,
     pub env: Vec<(String, String)>,
     pub action_timeout_s: Option<u64>,
@@ -220,6 +223,7 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         inputs: Vec::new(),
         verbosity: 0,
         stream: false,
+        exec: false,
         concurrency: 1,
         env: Vec::new(),
         action_timeout_s: None,
@@ -286,7 +290,17 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
             }
             Long("stream") => {
                 only(&[Mode::Buck2], "--stream")?;
+                if o.exec {
+                    return Err("--stream and --exec exclude each other".into());
+                }
                 o.stream = true;
+            }
+            Long("exec") => {
+                only(&[Mode::Buck2], "--exec")?;
+                if o.stream {
+                    return Err("--stream and --exec exclude each other".into());
+                }
+                o.exec = true;
             }
             Long("concurrency") => o.concurrency = positive(&mut parser, "--concurrency")?,
             Long("env") => {
