@@ -389,7 +389,7 @@ fn timeout_is_reported_as_timed_out_after_s() {
 fn a_tool_that_ignores_its_timeout_is_answered_at_the_deadline() {
     within(Duration::from_secs(30), || {
         let d = tempfile::tempdir().unwrap();
-        let worker = Worker::start(d.path(), &[]);
+        let mut worker = Worker::start(d.path(), &[]);
         // Busy for 5 s without looking at its token. (The demo then sees the
         // tripped token and never writes `stubborn`, so the file says nothing
         // about when the answer came; the clock does.)
@@ -413,6 +413,8 @@ fn a_tool_that_ignores_its_timeout_is_answered_at_the_deadline() {
             "{}",
             response.stderr
         );
+        // The log names the call whose tool holds the thread.
+        worker.expect_line("is stuck: request Execute #", Duration::from_secs(5));
     });
 }
 

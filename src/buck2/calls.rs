@@ -296,7 +296,7 @@ struct Requests {
 impl Requests {
     fn start(&mut self, id: u64, command: ExecuteCommand) {
         let shared = Arc::clone(&self.shared);
-        let (request, timeout_s) = match to_request(command, &shared.cwd) {
+        let (mut request, timeout_s) = match to_request(command, &shared.cwd) {
             Ok(parsed) => parsed,
             Err(message) => {
                 if shared.verbose {
@@ -310,6 +310,8 @@ impl Requests {
         if let Some(seconds) = timeout_s {
             request.cancel.set_timeout(Duration::from_secs(seconds));
         }
+        // How the pool names it if its tool gets stuck.
+        request.id = self.name(id);
         let key = self.next_key;
         self.next_key += 1;
         if shared.verbose {
