@@ -285,10 +285,9 @@ fn call(
         sink.send((event, WriteFlags::default())).await?;
         sink.close().await
     });
-    match block_on_until(&mut sent, deadline) {
-        None => return Ok(None),
-        // A refused write shows as the call's status below.
-        Some(_) => {}
+    // A refused write shows as the call's status below; only a timeout ends here.
+    if block_on_until(&mut sent, deadline).is_none() {
+        return Ok(None);
     }
     Ok(block_on_until(&mut receiver, deadline))
 }
