@@ -81,10 +81,25 @@ fn envrc_loads_the_flake_then_private_settings() {
             .map(str::to_owned)
             .collect();
         assert_eq!(
-            lines,
+            lines[..2],
             [flake, "source_env_if_exists .envrc.private"],
             "{path}"
         );
+        let rest: Vec<&str> = lines[2..].iter().map(String::as_str).collect();
+        if path == ".envrc" {
+            assert!(rest.is_empty(), "{path}: {rest:#?}");
+        } else {
+            // Buck2 refuses an unset variable in http_headers: the example
+            // exports both registry variables, empty unless set privately.
+            assert_eq!(
+                rest,
+                [
+                    "export BUILDBUDDY_CONTAINER_USER=\"${BUILDBUDDY_CONTAINER_USER-}\"",
+                    "export BUILDBUDDY_CONTAINER_PASSWORD=\"${BUILDBUDDY_CONTAINER_PASSWORD-}\"",
+                ],
+                "{path}"
+            );
+        }
     }
     for ignore in [".gitignore", "examples/buck2/.gitignore"] {
         let text = read(ignore);
@@ -93,5 +108,46 @@ fn envrc_loads_the_flake_then_private_settings() {
             "{ignore}"
         );
         assert!(text.lines().any(|l| l.trim() == ".direnv"), "{ignore}");
+    }
+}
+
+/// The `http_headers` entries of a buckconfig, as Buck2 splits them.
+fn http_headers(path: &str) -> Vec<String> {
+    read(path)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("http_headers"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .flat_map(|v| v.split(','))
+        .map(|h| h.split_whitespace().collect())
+        .filter(|h: &String| !h.is_empty())
+        .collect()
+}
+
+#[test]
+fn remote_buckconfigs_pass_registry_credentials_from_the_environment() {
+    let wanted = [
+        "x-buildbuddy-platform.container-registry-username:$BUILDBUDDY_CONTAINER_USER",
+        "x-buildbuddy-platform.container-registry-password:$BUILDBUDDY_CONTAINER_PASSWORD",
+    ];
+    for path in [
+        "examples/buck2/.buckconfig.buildbuddy",
+        "examples/buck2/.buckconfig.buildbuddy-persistent-workers",
+    ] {
+        let headers = http_headers(path);
+        for header in wanted {
+            assert!(headers.iter().any(|h| h == header), "{path}: {headers:#?}");
+        }
+    }
+    // Local runs pull no image: credentials there would only leak.
+    for path in [
+        "examples/buck2/.buckconfig",
+        "examples/buck2/.buckconfig.no-workers",
+        "examples/buck2/.buckconfig.local-persistent-workers",
+        "examples/buck2/.buckconfig.local-bridge",
+    ] {
+        let text = read(path);
+        for name in ["BUILDBUDDY_CONTAINER", "container-registry"] {
+            assert!(!text.contains(name), "{path} mentions {name}");
+        }
     }
 }

@@ -26,7 +26,12 @@ def _execution_platform_impl(ctx: AnalysisContext) -> list[Provider]:
             use_bazel_protocol_remote_persistent_workers = ctx.attrs.persistent_workers,
             remote_execution_properties = {
                 "OSFamily": "Linux",
-                # The image that holds `persistent-worker` on PATH.
+                # The image that holds `persistent-worker` on PATH. Registry
+                # credentials for a private image are not set here: they would
+                # become part of every action digest and land in the cache.
+                # The remote buckconfigs send them as
+                # x-buildbuddy-platform.container-registry-{username,password}
+                # headers from BUILDBUDDY_CONTAINER_USER/PASSWORD (see .envrc).
                 "container-image": ctx.attrs.container_image,
                 # Makes the workspace writable for non-root users; actions
                 # run as the image's user (uid 65532, see ci/image.sh).
