@@ -20,9 +20,8 @@ case $profile in
     release="$root/target/release"
     ;;
   static)
-    # The binary that ships (ci/release.sh): the same flags, so its build is reused.
-    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-      cargo build --release --quiet --target x86_64-unknown-linux-gnu --bins --examples
+    # The binary that ships, its floors built with the same flags.
+    ci/release.sh --examples >&2
     release="$root/target/x86_64-unknown-linux-gnu/release"
     ;;
   debug)
@@ -35,7 +34,9 @@ case $profile in
     ;;
 esac
 client="$release/worker-client"
-worker="$release/persistent-worker"
+# BENCH_WORKER: another build of the worker (e.g. another opt-level) measured
+# against the same client and floors.
+worker="${BENCH_WORKER:-$release/persistent-worker}"
 out="$root/target/bench"
 rm -rf "$out/raw"
 mkdir -p "$out/raw"

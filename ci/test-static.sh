@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite against the binaries that ship: builds the tests as
+# usual (debug), puts the static release builds of ci/release.sh where the
+# tests run them from (target/debug/persistent-worker and worker-client), runs
+# every test binary directly, then puts the debug builds back.
+# Usage: ci/test-static.sh [TEST-BINARY-ARGS...]   (after ci/release.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+triple=x86_64-unknown-linux-gnu
+static="target/$triple/release"
+for bin in persistent-worker worker-client; do
+  if ! file -b "$static/$bin" | grep -q 'static'; then
+    echo "test-static.sh: $static/$bin is not a static build; run ci/release.sh first" >&2
+    exit 2
+  fi
+done
+# Every test executable, as cargo would run it.
+mapfile -t tests < <(
+  cargo test --no-run --message-format=json 2>/dev/null |
+    jq -r 'select(.reason == "compiler-artifact" and .profile.test == true) | .executable'
+)
+if ((${#tests[@]} == 0)); then
+  echo "test-static.sh: cargo found no test executables" >&2
+  exit 1
+fi
+saved=$(mktemp -d)
+restore() {
+  cp -p "$saved"/* target/debug/
+  rm -rf "$saved"
+}
+for bin in persistent-worker worker-client; do
+  cp -p "target/debug/$bin" "$saved/"
+done
+trap restore EXIT
+for bin in persistent-worker worker-client; do
+  cp "$static/$bin" "target/debug/$bin"
+done
+file -b target/debug/persistent-worker
+failed=0
+for test in "${tests[@]}"; do
+  echo "== $(basename "$test")"
+  # Cargo runs tests from the package root; so does this.
+  if ! "$test" "$@"; then
+    failed=$((failed + 1))
+  fi
+done
+if ((failed > 0)); then
+  echo "test-static.sh: $failed test executable(s) failed against the static binaries" >&2
+  exit 1
+fi
+echo "test-static.sh: every test executable passed against the static binaries"
