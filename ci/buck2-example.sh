@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Builds examples/buck2 with a real buck2 in the two local scenarios and checks
+# Builds examples/buck2 with a real buck2 in the three local scenarios and checks
 # that the demo actions ran
 #   1. no-workers:               locally, one-shot   (stderr has ONE-SHOT START)
 #   2. local-persistent-workers: through one Buck2 persistent worker process
 #                                (stderr starts with "Buck2 persistent worker")
-#   5. local-bridge:             through `persistent-worker --bridge` in front of
+#   3. local-bridge:             through `persistent-worker --bridge` in front of
 #                                the Node @bazel/worker program in testdata/
 #                                (or `persistent-worker` itself without npm)
 # from `buck2 log what-ran`, from the build's own stderr and from the outputs.
