@@ -6,12 +6,18 @@
 # rows: row, p50_us, p99_us, requests_per_s, and floor / ratio_to_floor where
 # the row has a floor).
 # Usage: ci/bench.sh [REQUESTS]      (default 10000 per latency row)
+# BENCH_ROUNDS=N (default 3): the floor and worker latency rows are run N
+# times over, round after round, and each figure is the median of the rounds,
+# so that a row and its floor see the same noise and one burst of it does not
+# decide a ratio.
 # BENCH_PROFILE=static measures the static release binary of ci/release.sh;
 # BENCH_PROFILE=debug measures the debug build instead: meaningless figures,
 # but a quick check (CI) that every row still runs, without a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-10000}
+rounds=${BENCH_ROUNDS:-3}
+round=1
 profile=${BENCH_PROFILE:-release}
 root=$PWD
 case $profile in
@@ -58,7 +64,7 @@ row() {
   local name=$1 floor=$2 kind=$3
   shift 3
   local file
-  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').json"
+  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').$round.json"
   printf '%-40s' "$name" >&2
   if ! "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; then
     echo " FAILED" >&2
@@ -74,7 +80,7 @@ spawn_row() {
   local name=$1 floor=$2 runs=$3
   shift 3
   local file
-  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').json"
+  file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').$round.json"
   printf '%-40s' "$name" >&2
   "$release/examples/bench_spawn" "$runs" "$file" "$@" >/dev/null
   printf '%s\t%s\t%s\t%s\n' "$name" "$floor" latency "$file" >>"$rows"
@@ -97,65 +103,71 @@ n=(--requests "$requests")
 printf '#include <unistd.h>\nint main(void){return write(1,"hello\\n",6)!=6;}\n' >hello.c
 cc -O2 -static -o hello hello.c
 
-echo "floors" >&2
-row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
-row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
-for c in 4 16 64; do
-  row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
-done
-for c in 1 4 16; do
-  row "floor grpc unary c$c" - latency buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
-done
-for c in 16 64; do
-  row "floor grpc bidi $c" - latency buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
-done
-# Execute served as the worker serves it (a stream of one message each way,
-# so that a dropped call is seen while its request runs): the part of the gap
-# to the unary floor that is gRPC's price for that.
-row "floor grpc unary as duplex c1" - latency \
-  buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-as-duplex
-row "floor grpc client-streaming c1" - latency buck2 "${n[@]}" --exec "${noop[@]}" -- "$floor_grpc"
-spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
+latency_rows() {
+  echo "floors (round $round of $rounds)" >&2
+  row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
+  row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
+  for c in 4 16 64; do
+    row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
+  done
+  for c in 1 4 16; do
+    row "floor grpc unary c$c" - latency buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
+  done
+  for c in 16 64; do
+    row "floor grpc bidi $c" - latency buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
+  done
+  # Execute served as the worker serves it (a stream of one message each way,
+  # so that a dropped call is seen while its request runs): the part of the gap
+  # to the unary floor that is gRPC's price for that.
+  row "floor grpc unary as duplex c1" - latency \
+    buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-as-duplex
+  row "floor grpc client-streaming c1" - latency buck2 "${n[@]}" --exec "${noop[@]}" -- "$floor_grpc"
+  spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
 
-echo "worker" >&2
-row "bazel proto singleplex noop" "floor proto" latency bazel "${n[@]}" "${noop[@]}" -- "$worker"
-write
-row "bazel proto singleplex write" "floor proto" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
-row "bazel json singleplex noop" "bazel proto singleplex noop" latency \
-  bazel "${n[@]}" --json "${noop[@]}" -- "$worker" --worker-protocol json
-write
-row "bazel json singleplex write" "bazel proto singleplex write" latency \
-  bazel "${n[@]}" --json "${write[@]}" -- "$worker" --worker-protocol json
-write
-row "bazel proto multiplex 1 write" "floor proto" latency \
-  bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
-for c in 4 16 64; do
+  echo "worker (round $round of $rounds)" >&2
+  row "bazel proto singleplex noop" "floor proto" latency bazel "${n[@]}" "${noop[@]}" -- "$worker"
   write
-  row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
-    bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"
+  row "bazel proto singleplex write" "floor proto" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
+  row "bazel json singleplex noop" "bazel proto singleplex noop" latency \
+    bazel "${n[@]}" --json "${noop[@]}" -- "$worker" --worker-protocol json
+  write
+  row "bazel json singleplex write" "bazel proto singleplex write" latency \
+    bazel "${n[@]}" --json "${write[@]}" -- "$worker" --worker-protocol json
+  write
+  row "bazel proto multiplex 1 write" "floor proto" latency \
+    bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
+  for c in 4 16 64; do
+    write
+    row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
+      bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"
+  done
+  # Remote executors send the same argument file every time: one file rewritten.
+  echo "$(fresh)/out-remote.txt" >remote.args
+  row "remote proto write" "floor proto" latency remote "${n[@]}" -- "$worker" @remote.args
+  for c in 1 4 16; do
+    row "buck2 Execute c$c" "floor grpc unary c$c" latency \
+      buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
+  done
+  row "buck2 Exec c1" "floor grpc client-streaming c1" latency \
+    buck2 "${n[@]}" --exec "${noop[@]}" -- "$worker"
+  write
+  row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
+  for c in 16 64; do
+    row "buck2 ExecuteStream $c" "floor grpc bidi $c" latency \
+      buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
+  done
+  # The bridge in front of this same worker run as a Bazel-protocol child: its
+  # "floor" is the direct row, so the ratio is what the bridge adds.
+  for c in 1 4; do
+    row "bridge buck2 Execute c$c" "buck2 Execute c$c" latency \
+      buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c" --bridge -- "$worker"
+  done
+  spawn_row "oneshot write" "floor process" "$(min "$requests" 1000)" "$worker" "$(fresh)/oneshot-out.txt"
+}
+for ((round = 1; round <= rounds; round++)); do
+  latency_rows
 done
-# Remote executors send the same argument file every time: one file rewritten.
-echo "$(fresh)/out-remote.txt" >remote.args
-row "remote proto write" "floor proto" latency remote "${n[@]}" -- "$worker" @remote.args
-for c in 1 4 16; do
-  row "buck2 Execute c$c" "floor grpc unary c$c" latency \
-    buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
-done
-row "buck2 Exec c1" "floor grpc client-streaming c1" latency \
-  buck2 "${n[@]}" --exec "${noop[@]}" -- "$worker"
-write
-row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
-for c in 16 64; do
-  row "buck2 ExecuteStream $c" "floor grpc bidi $c" latency \
-    buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
-done
-# The bridge in front of this same worker run as a Bazel-protocol child: its
-# "floor" is the direct row, so the ratio is what the bridge adds.
-for c in 1 4; do
-  row "bridge buck2 Execute c$c" "buck2 Execute c$c" latency \
-    buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c" --bridge -- "$worker"
-done
-spawn_row "oneshot write" "floor process" "$(min "$requests" 1000)" "$worker" "$(fresh)/oneshot-out.txt"
+round=1
 
 echo "start-up (median of $starts)" >&2
 row "start-up bazel to first response" - startup \
@@ -203,4 +215,4 @@ done
 
 cd "$root"
 python3 ci/bench_report.py "$rows" "$out/results.json" \
-  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row"
+  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds"

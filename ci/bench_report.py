@@ -5,10 +5,12 @@ usage: bench_report.py ROWS.tsv RESULTS.json MACHINE-NOTE
 
 ROWS.tsv has one line per measured row: name, floor row ('-' for none),
 kind (latency, startup, memory, size:SECTION:BYTES) and the JSON file that
-worker-client (or bench_spawn) wrote for it.
+worker-client (or bench_spawn) wrote for it. A row measured in several rounds
+has a line per round; its figures are the medians of the rounds.
 """
 
 import json
+import statistics
 import sys
 
 MIB = 1 << 20
@@ -17,6 +19,10 @@ MIB = 1 << 20
 def load(path):
     with open(path) as f:
         return json.load(f)
+
+
+def median(raws, figure):
+    return statistics.median(figure(raw) for raw in raws)
 
 
 def fit_slope(points):
@@ -38,11 +44,14 @@ def main():
     by_name = {}
     sizes = {}
     memory = []
+    rounds = {}
     with open(rows_tsv) as f:
-        lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    for name, floor, kind, path in lines:
-        raw = load(path)
-        lat = raw.get("latency_ms", {})
+        for line in f:
+            if line.strip():
+                name, floor, kind, path = line.rstrip("\n").split("\t")
+                rounds.setdefault((name, floor, kind), []).append(load(path))
+    for (name, floor, kind), raws in rounds.items():
+        raw = raws[0]
         row = {
             "row": name,
             "p50_us": None,
@@ -51,14 +60,16 @@ def main():
             "requests_per_s": None,
         }
         if kind == "startup":
-            row["p50_us"] = raw["startup_median_ms"] * 1000
+            row["p50_us"] = median(raws, lambda r: r["startup_median_ms"] * 1000)
             row["runs"] = raw["startup_runs"]
         elif kind != "memory":
-            row["p50_us"] = lat["p50"] * 1000
-            row["p99_us"] = lat["p99"] * 1000
-            row["p999_us"] = lat.get("p999", 0) * 1000
-            row["requests_per_s"] = raw["throughput_per_s"]
+            row["p50_us"] = median(raws, lambda r: r["latency_ms"]["p50"] * 1000)
+            row["p99_us"] = median(raws, lambda r: r["latency_ms"]["p99"] * 1000)
+            row["p999_us"] = median(raws, lambda r: r["latency_ms"].get("p999", 0) * 1000)
+            row["requests_per_s"] = median(raws, lambda r: r["throughput_per_s"])
             row["requests"] = raw["requests"]
+        if len(raws) > 1:
+            row["rounds"] = len(raws)
         if floor != "-":
             row["floor"] = floor
         if kind.startswith("size:"):
