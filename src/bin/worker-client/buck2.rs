@@ -28,7 +28,7 @@ use persistent_worker::proto::worker::{
 
 use crate::bench::Measurement;
 use crate::child::{self, block, Tail};
-use crate::{bazel, requests, Failure, Mode, Options, Outcome};
+use crate::{bazel, requests, Failure, Mode, Options, Outcome, Rpc};
 
 /// Buck2's connection timing (`app/buck2_execute_impl/src/executors/worker.rs`).
 const FIRST_TRY: Duration = Duration::from_millis(50);
@@ -257,14 +257,6 @@ enum Progress<'a> {
     Answered(&'a Answer),
 }
 
-fn method(options: &Options) -> &'static str {
-    if options.exec {
-        "Exec"
-    } else {
-        "Execute"
-    }
-}
-
 /// One command as one call: `Execute` (unary), or with `exec` the
 /// client-streaming `Exec` (the command as its one event, then half-close).
 /// `None` when no answer came by `deadline`.
@@ -322,7 +314,7 @@ fn execute_all(
             let deadline = sent + options.timeout;
             let mut result = Err("no attempt".to_owned());
             for attempt in 1..=EXECUTE_ATTEMPTS {
-                result = match call(&client, options.exec, &request, deadline) {
+                result = match call(&client, options.rpc == Rpc::Exec, &request, deadline) {
                     Ok(outcome) => match outcome {
                         Some(Ok(response)) => Ok(response),
                         Some(Err(grpcio::Error::RpcFailure(status)))
@@ -331,15 +323,16 @@ fn execute_all(
                         {
                             continue
                         }
-                        Some(Err(e)) => {
-                            Err(format!("{} for request {n} failed: {e}", method(&options)))
-                        }
+                        Some(Err(e)) => Err(format!(
+                            "{} for request {n} failed: {e}",
+                            options.rpc.name()
+                        )),
                         None => Err(format!(
                             "no response to request {n} within {} ms (--timeout-ms)",
                             options.timeout.as_millis()
                         )),
                     },
-                    Err(e) => Err(format!("cannot start an {} call: {e}", method(&options))),
+                    Err(e) => Err(format!("cannot start an {} call: {e}", options.rpc.name())),
                 };
                 break;
             }
@@ -505,7 +498,7 @@ fn send_all(
     count: usize,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Answer>, Failure> {
-    if options.stream {
+    if options.rpc == Rpc::ExecuteStream {
         stream_all(worker, options, first, count, progress)
     } else {
         execute_all(worker, options, first, count, progress)
@@ -558,11 +551,7 @@ pub fn run(options: &Options) -> Result<Outcome, Failure> {
     println!(
         "{count} request(s), {} response(s) via {}: {failures} failed; protocol OK; {note}",
         answers.len(),
-        if options.stream {
-            "ExecuteStream"
-        } else {
-            method(options)
-        }
+        options.rpc.name()
     );
     Ok(Outcome {
         failed_requests: failures,
@@ -583,14 +572,8 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     let elapsed = start.elapsed();
     let memory = crate::bench::memory_now(worker.child.id(), idle);
     worker.stop();
-    let transport = if options.stream {
-        "grpc ExecuteStream"
-    } else if options.exec {
-        "grpc Exec"
-    } else {
-        "grpc Execute"
-    };
-    let mut m = Measurement::new(Mode::Buck2, transport, options.concurrency);
+    let transport = format!("grpc {}", options.rpc.name());
+    let mut m = Measurement::new(Mode::Buck2, &transport, options.concurrency);
     m.startup = startup;
     m.elapsed = elapsed;
     m.memory = memory;

@@ -105,6 +105,28 @@ impl fmt::Display for Failure {
     }
 }
 
+/// The Buck2 RPC that carries the commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    /// `Worker.Execute`, unary: one call per command.
+    Execute,
+    /// `Worker.Exec`, client-streaming: one call per command, sent as its one
+    /// event before the half-close.
+    Exec,
+    /// `WorkerStreaming.ExecuteStream`: one call carries them all.
+    ExecuteStream,
+}
+
+impl Rpc {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::Execute => "Execute",
+            Rpc::Exec => "Exec",
+            Rpc::ExecuteStream => "ExecuteStream",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Bazel,
@@ -143,8 +165,7 @@ pub struct Options {
     pub cancel_after: Option<Duration>,
     pub inputs: Vec<PathBuf>,
     pub verbosity: i32,
-    pub stream: bool,
-    pub exec: bool,
+    pub rpc: Rpc,
     pub concurrency: usize,
     pub env: Vec<(String, String)>,
     pub action_timeout_s: Option<u64>,
@@ -222,8 +243,7 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         cancel_after: None,
         inputs: Vec::new(),
         verbosity: 0,
-        stream: false,
-        exec: false,
+        rpc: Rpc::Execute,
         concurrency: 1,
         env: Vec::new(),
         action_timeout_s: None,
@@ -288,19 +308,17 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
                 only(&[Mode::Bazel, Mode::Remote], "--verbosity")?;
                 o.verbosity = number(&mut parser, "--verbosity")?;
             }
-            Long("stream") => {
-                only(&[Mode::Buck2], "--stream")?;
-                if o.exec {
+            Long(flag @ ("stream" | "exec")) => {
+                only(&[Mode::Buck2], &format!("--{flag}"))?;
+                let rpc = if flag == "stream" {
+                    Rpc::ExecuteStream
+                } else {
+                    Rpc::Exec
+                };
+                if ![Rpc::Execute, rpc].contains(&o.rpc) {
                     return Err("--stream and --exec exclude each other".into());
                 }
-                o.stream = true;
-            }
-            Long("exec") => {
-                only(&[Mode::Buck2], "--exec")?;
-                if o.stream {
-                    return Err("--stream and --exec exclude each other".into());
-                }
-                o.exec = true;
+                o.rpc = rpc;
             }
             Long("concurrency") => o.concurrency = positive(&mut parser, "--concurrency")?,
             Long("env") => {
