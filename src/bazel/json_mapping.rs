@@ -293,46 +293,45 @@ impl<'a> Parser<'a> {
 
     /// `{ "key": value, ... }`, each value read by `field`.
     fn object(&mut self, mut field: impl FnMut(&mut Self, &str) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
+        self.list(b'{', b'}', |p| {
+            let key = p.string()?;
+            p.eat(b':')?;
+            p.ws();
+            field(p, &key)
+        })
+    }
+
+    fn array<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let mut items = Vec::new();
+        self.list(b'[', b']', |p| {
+            items.push(item(p)?);
+            Some(())
+        })?;
+        Some(items)
+    }
+
+    /// `open` item, item, ... `close`: no trailing comma.
+    fn list(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(open)?;
         self.ws();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.at += 1;
             return Some(());
         }
         loop {
-            let key = self.string()?;
-            self.eat(b':')?;
             self.ws();
-            field(self, &key)?;
+            item(self)?;
             self.ws();
             match self.peek()? {
                 b',' => self.at += 1,
-                b'}' => {
+                b if b == close => {
                     self.at += 1;
                     return Some(());
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    fn array<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
-        self.eat(b'[')?;
-        let mut items = Vec::new();
-        self.ws();
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(items);
-        }
-        loop {
-            self.ws();
-            items.push(item(self)?);
-            self.ws();
-            match self.peek()? {
-                b',' => self.at += 1,
-                b']' => {
-                    self.at += 1;
-                    return Some(items);
                 }
                 _ => return None,
             }
