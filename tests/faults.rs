@@ -357,6 +357,7 @@ fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck
 /// sends `requests` and closes stdin, and returns the decoded responses and
 /// the exit status, all within a bounded wait.
 fn run_with_fds(
+    program: &Path,
     args: &[&str],
     dir: &Path,
     stderr: Stdio,
@@ -369,7 +370,7 @@ fn run_with_fds(
     use persistent_worker::bazel::WireFormat;
     use std::io::{Read, Write};
 
-    let mut command = Command::new(BIN);
+    let mut command = Command::new(program);
     command
         .args(args)
         .arg("--persistent_worker")
@@ -457,6 +458,7 @@ fn check_closed_fd_run(
 fn a_worker_started_with_stderr_closed_answers_every_request() {
     let dir = tempfile::tempdir().unwrap();
     let (status, responses) = run_with_fds(
+        Path::new(BIN),
         &["--concurrency", "2", "--verbose"],
         dir.path(),
         Stdio::null(),
@@ -477,6 +479,7 @@ fn a_worker_started_with_stderr_closed_answers_every_request() {
 fn a_worker_whose_stderr_reader_is_gone_answers_every_request() {
     let dir = tempfile::tempdir().unwrap();
     let (status, responses) = run_with_fds(
+        Path::new(BIN),
         &["--concurrency", "2", "--verbose"],
         dir.path(),
         Stdio::piped(),
@@ -500,7 +503,12 @@ fn output_in_a_read_only_directory_is_a_clear_error_response() {
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     // SAFETY: reads the test's own effective uid.
     let root = unsafe { libc::geteuid() } == 0;
+    // As `nobody` the build directory may be out of reach (a checkout under
+    // a private directory): the worker runs from a copy in the open one.
+    let program = dir.path().join("persistent-worker");
+    std::fs::copy(BIN, &program).unwrap();
     let (status, mut responses) = run_with_fds(
+        &program,
         &[],
         dir.path(),
         Stdio::null(),
