@@ -55,15 +55,21 @@ impl ResponseWriter {
     /// Encodes first, then writes and flushes under the lock, so concurrent
     /// responses never interleave.
     pub fn send(&self, response: &WorkResponse) {
-        let bytes = self.format.encode_response(response);
-        let mut out = lock(&self.out);
-        if let Some(stream) = out.as_mut() {
-            if let Err(e) = stream.write_all(&bytes).and_then(|()| stream.flush()) {
-                // The client is gone; it will not read anything else either.
-                crate::elog!("worker: cannot write response {}: {e}", response.request_id);
-                out.take();
-            }
+        let frame = self.encode(response);
+        self.hold().write(&frame);
+    }
+
+    /// A response as it goes on the wire; encoding needs no lock.
+    pub fn encode(&self, response: &WorkResponse) -> Frame {
+        Frame {
+            id: response.request_id,
+            bytes: self.format.encode_response(response),
         }
+    }
+
+    /// Takes the stream: nothing else is written until the hold's write.
+    pub fn hold(&self) -> WriterHold<'_> {
+        WriterHold(lock(&self.out))
     }
 
     /// Stops all further output; responses finishing later are dropped.
@@ -72,12 +78,33 @@ impl ResponseWriter {
     }
 }
 
+/// An encoded response.
+pub struct Frame {
+    id: i32,
+    bytes: Vec<u8>,
+}
+
+/// The output stream, held for one response.
+pub struct WriterHold<'a>(std::sync::MutexGuard<'a, Option<Box<dyn Write + Send>>>);
+
+impl WriterHold<'_> {
+    pub fn write(mut self, frame: &Frame) {
+        if let Some(stream) = self.0.as_mut() {
+            if let Err(e) = stream.write_all(&frame.bytes).and_then(|()| stream.flush()) {
+                // The client is gone; it will not read anything else either.
+                crate::elog!("worker: cannot write response {}: {e}", frame.id);
+                self.0.take();
+            }
+        }
+    }
+}
+
 /// The requests a worker has accepted and the stream their answers leave by:
 /// what a stop signal needs to reach to answer every one of them.
 pub struct Session {
     writer: Arc<ResponseWriter>,
     in_flight: Arc<Mutex<HashMap<i32, Ticket>>>,
-    /// Signalled whenever a request leaves `in_flight`.
+    /// Signalled whenever `in_flight` becomes empty.
     left: Condvar,
     stopping: AtomicBool,
     identity: Arc<str>,
@@ -253,30 +280,34 @@ pub fn serve_session(
             // Submitted under the table's lock, so the answer, which needs
             // the lock, cannot come before the ticket is in the table.
             let ticket = pool.submit(Arc::clone(&handler), request, move |response| {
+                let (exit_code, cancelled) = (response.exit_code, response.cancelled);
+                // Encoded before any lock is taken: the reader and the other
+                // pool threads need the table's lock for every request.
+                let frame = writer.encode(&to_wire(&identity, id, response));
                 // Leave the table before answering: once the client has the
-                // response it may reuse the id. The answer is written under
-                // the table's lock so that an empty table means every answer
-                // is out (a stop waits for that), and a request already
-                // answered for by a stop is not answered twice.
+                // response it may reuse the id. The stream is taken before the
+                // table is let go, so whoever finds the table empty and then
+                // takes the stream (a stop closing it, the end of input
+                // joining the pool) comes after this answer; and a request
+                // already answered for by a stop is not answered twice.
                 let mut table = lock(&session.in_flight);
                 if table.remove(&id).is_none() {
                     return;
                 }
                 let left = table.len();
+                let hold = writer.hold();
+                drop(table);
                 if verbose {
                     crate::elog!(
-                        "worker: request {id} finished, exit code {}{}, {left} in flight",
-                        response.exit_code,
-                        if response.cancelled {
-                            " (cancelled)"
-                        } else {
-                            ""
-                        }
+                        "worker: request {id} finished, exit code {exit_code}{}, {left} in flight",
+                        if cancelled { " (cancelled)" } else { "" }
                     );
                 }
-                writer.send(&to_wire(&identity, id, response));
-                drop(table);
-                session.left.notify_all();
+                hold.write(&frame);
+                // Only an empty table is waited for.
+                if left == 0 {
+                    session.left.notify_all();
+                }
                 let _ = done_tx.send(());
             });
             table.insert(id, ticket);
