@@ -51,13 +51,15 @@ impl Pool {
     /// Starts `size` worker threads (at least one).
     pub fn new(size: usize) -> Pool {
         let (sender, receiver) = unbounded::<Job>();
+        let awake = Arc::new(AtomicUsize::new(0));
         let threads = (0..size.max(1))
             .map(|i| {
                 let receiver = receiver.clone();
+                let awake = Arc::clone(&awake);
                 thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        while let Some(job) = next_job(&receiver) {
+                        while let Some(job) = next_job(&receiver, &awake) {
                             job();
                         }
                     })
@@ -169,20 +171,31 @@ impl Drop for Pool {
 /// Short enough that an idle worker sleeps almost at once.
 const STAY_AWAKE: Duration = Duration::from_micros(50);
 
-fn next_job(receiver: &crossbeam_channel::Receiver<Job>) -> Option<Job> {
-    let awake_until = Instant::now() + STAY_AWAKE;
-    loop {
-        match receiver.try_recv() {
-            Ok(job) => return Some(job),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
-            Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < awake_until => {
-                // Gives the core to a runnable thread, the client included,
-                // when there is one: the wait must not slow what it waits for.
-                thread::yield_now();
+/// One thread awake is enough to take the next request at once; more would
+/// only take turns on the cores that the busy threads (and the client) need.
+const MAX_AWAKE: usize = 1;
+
+fn next_job(receiver: &crossbeam_channel::Receiver<Job>, awake: &AtomicUsize) -> Option<Job> {
+    if awake.fetch_add(1, Ordering::AcqRel) < MAX_AWAKE {
+        let awake_until = Instant::now() + STAY_AWAKE;
+        loop {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    awake.fetch_sub(1, Ordering::AcqRel);
+                    return Some(job);
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < awake_until => {
+                    // Gives the core to a runnable thread, the client included,
+                    // when there is one: the wait must not slow what it waits for.
+                    thread::yield_now();
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
-            Err(crossbeam_channel::TryRecvError::Empty) => return receiver.recv().ok(),
         }
     }
+    awake.fetch_sub(1, Ordering::AcqRel);
+    receiver.recv().ok()
 }
 
 type Done = Box<dyn FnOnce(Response) + Send>;
