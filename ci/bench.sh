@@ -10,6 +10,10 @@
 # times over, round after round, and each figure is the median of the rounds,
 # so that a row and its floor see the same noise and one burst of it does not
 # decide a ratio.
+# BENCH_WRITE_DIR=DIR: where the write rows write (default /dev/shm, a tmpfs,
+# so that they measure the worker and the kernel's cost of creating a file
+# rather than the disk under it; on this class of virtual machine an ext4
+# file write took 60 µs in one session and 350-450 µs in another).
 # BENCH_PROFILE=static measures the static release binary of ci/release.sh;
 # BENCH_PROFILE=debug measures the debug build instead: meaningless figures,
 # but a quick check (CI) that every row still runs, without a release build.
@@ -49,7 +53,10 @@ mkdir -p "$out/raw"
 rows="$out/raw/rows.tsv"
 : >"$rows"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+write_root=${BENCH_WRITE_DIR:-/dev/shm}
+[[ -d $write_root && -w $write_root ]] || write_root=$work
+files=$(mktemp -d "$write_root/bench-files.XXXXXX")
+trap 'rm -rf "$work" "$files"' EXIT
 cd "$work"
 
 # Start-up and memory rows use fixed counts so that REQUESTS only scales the
@@ -95,7 +102,7 @@ noop=(--request --noop)
 # that an earlier row left behind costs several times more on ext4 (truncating
 # a file with data starts its writeback at close: auto_da_alloc), which made
 # the later write rows look slow for a reason that is not the worker's.
-fresh() { mktemp -d "$work/files.XXXXXX"; }
+fresh() { mktemp -d "$files/files.XXXXXX"; }
 write() { write=(--request "$(fresh)/out-{n}.txt"); }
 n=(--requests "$requests")
 
@@ -107,6 +114,9 @@ latency_rows() {
   echo "floors (round $round of $rounds)" >&2
   row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
   row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
+  # The same with the one hop the worker's design makes (the thread that reads
+  # hands each request to another thread): what that hop costs on this machine.
+  row "floor proto via thread" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto" --via-thread
   for c in 4 16 64; do
     row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
   done
@@ -121,6 +131,9 @@ latency_rows() {
   # to the unary floor that is gRPC's price for that.
   row "floor grpc unary as duplex c1" - latency \
     buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-as-duplex
+  # ... and handed to another thread and back, as the worker hands it to its pool.
+  row "floor grpc unary via thread c1" - latency \
+    buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-via-thread
   row "floor grpc client-streaming c1" - latency buck2 "${n[@]}" --exec "${noop[@]}" -- "$floor_grpc"
   spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
 
@@ -215,4 +228,4 @@ done
 
 cd "$root"
 python3 ci/bench_report.py "$rows" "$out/results.json" \
-  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds"
+  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files")"

@@ -12,15 +12,23 @@
 //! dropping the call is seen while the request runs). The difference between
 //! the two `Execute` floors is the price of that, not of the worker's code.
 //!
+//! With `--execute-via-thread`, `Execute` is served as a duplex call whose
+//! request goes through a crossbeam channel to a second thread, which hands
+//! the bytes back and wakes the call: the hop between gRPC's thread and a
+//! pool thread that the worker makes, and nothing else of the worker.
+//!
 //! No protobuf decoding and no thread beyond gRPC's own. An echoed
 //! `ExecuteCommand` decodes as an `ExecuteResponse` with exit code 0 (argv and
 //! env have wire types that `ExecuteResponse` does not use for those numbers,
 //! so they become unknown fields), and an echoed `ExecuteCommandStream` keeps
 //! its `id`, so the benchmark client drives this floor as it drives the worker.
 
+use std::future::Future;
 use std::io::Read;
+use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::{FutureExt, SinkExt, TryStreamExt};
 use grpcio::{
@@ -64,14 +72,54 @@ const BIDI: Method<Vec<u8>, Vec<u8>> =
 const UNARY_AS_DUPLEX: Method<Vec<u8>, Vec<u8>> =
     echo_method(MethodType::Duplex, "/worker.Worker/Execute");
 
+/// A one-shot slot the echo thread fills, waking the call that waits on it.
+#[derive(Clone, Default)]
+struct Reply(Arc<Mutex<Slot>>);
+
+/// The echoed bytes once there, and the call's waker until then.
+type Slot = (Option<Vec<u8>>, Option<Waker>);
+
+impl Future for Reply {
+    type Output = Vec<u8>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<u8>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.0.take() {
+            Some(bytes) => Poll::Ready(bytes),
+            None => {
+                slot.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn start_echo_thread() -> crossbeam_channel::Sender<(Vec<u8>, Reply)> {
+    let (sender, receiver) = crossbeam_channel::unbounded::<(Vec<u8>, Reply)>();
+    std::thread::spawn(move || {
+        for (bytes, reply) in receiver {
+            let waker = {
+                let mut slot = reply.0.lock().unwrap_or_else(|e| e.into_inner());
+                slot.0 = Some(bytes);
+                slot.1.take()
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    });
+    sender
+}
+
 fn main() -> ExitCode {
     let Some(socket) = std::env::var_os("WORKER_SOCKET") else {
         eprintln!("bench_floor_grpc: WORKER_SOCKET is not set");
         return ExitCode::from(2);
     };
-    let as_duplex = match std::env::args().nth(1).as_deref() {
-        None => false,
-        Some("--execute-as-duplex") => true,
+    let (as_duplex, via_thread) = match std::env::args().nth(1).as_deref() {
+        None => (false, false),
+        Some("--execute-as-duplex") => (true, false),
+        Some("--execute-via-thread") => (true, true),
         Some(other) => {
             eprintln!("bench_floor_grpc: unknown argument {other:?}");
             return ExitCode::from(2);
@@ -79,15 +127,27 @@ fn main() -> ExitCode {
     };
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
     let service = ServiceBuilder::new();
+    let hop = via_thread.then(start_echo_thread);
     let service = if as_duplex {
-        service.add_duplex_streaming_handler(&UNARY_AS_DUPLEX, |ctx, mut requests, mut sink| {
-            ctx.spawn(async move {
-                if let Ok(Some(request)) = requests.try_next().await {
-                    let _ = sink.send((request, WriteFlags::default())).await;
-                }
-                let _ = sink.close().await;
-            });
-        })
+        service.add_duplex_streaming_handler(
+            &UNARY_AS_DUPLEX,
+            move |ctx, mut requests, mut sink| {
+                let hop = hop.clone();
+                ctx.spawn(async move {
+                    if let Ok(Some(mut request)) = requests.try_next().await {
+                        if let Some(hop) = &hop {
+                            let reply = Reply::default();
+                            if hop.send((request, reply.clone())).is_err() {
+                                return;
+                            }
+                            request = reply.await;
+                        }
+                        let _ = sink.send((request, WriteFlags::default())).await;
+                    }
+                    let _ = sink.close().await;
+                });
+            },
+        )
     } else {
         service.add_unary_handler(&UNARY, |ctx, request, sink| {
             ctx.spawn(sink.success(request).map(|_| ()));
