@@ -67,18 +67,20 @@ long=$((requests >= 10000 ? 100000 : requests * 10))
 
 # Usage: row NAME FLOOR KIND WORKER-CLIENT-ARGS...
 # KIND is latency, startup, memory or size:SECTION:BYTES. FLOOR is '-' for none.
+# The row's CPU time (client and worker, which the client waits for: user,
+# system, wall seconds) goes beside its figures: how busy the cores were.
 row() {
   local name=$1 floor=$2 kind=$3
   shift 3
-  local file
+  local file TIMEFORMAT='%U %S %R'
   file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').$round.json"
   printf '%-40s' "$name" >&2
-  if ! "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; then
+  if ! { time "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; } 2>"$file.cpu"; then
     echo " FAILED" >&2
     cat "$file.txt" "$file.err" >&2
     exit 1
   fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$floor" "$kind" "$file" >>"$rows"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$floor" "$kind" "$file" "$file.cpu" >>"$rows"
   echo " ok" >&2
 }
 
@@ -90,7 +92,7 @@ spawn_row() {
   file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').$round.json"
   printf '%-40s' "$name" >&2
   "$release/examples/bench_spawn" "$runs" "$file" "$@" >/dev/null
-  printf '%s\t%s\t%s\t%s\n' "$name" "$floor" latency "$file" >>"$rows"
+  printf '%s\t%s\t%s\t%s\t-\n' "$name" "$floor" latency "$file" >>"$rows"
   echo " ok" >&2
 }
 
@@ -150,6 +152,8 @@ latency_rows() {
   row "bazel proto multiplex 1 write" "floor proto" latency \
     bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
   for c in 4 16 64; do
+    row "bazel proto multiplex $c noop" "floor proto multiplex $c" latency \
+      bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
     write
     row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
       bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"

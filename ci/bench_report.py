@@ -4,9 +4,11 @@
 usage: bench_report.py ROWS.tsv RESULTS.json MACHINE-NOTE
 
 ROWS.tsv has one line per measured row: name, floor row ('-' for none),
-kind (latency, startup, memory, size:SECTION:BYTES) and the JSON file that
-worker-client (or bench_spawn) wrote for it. A row measured in several rounds
-has a line per round; its figures are the medians of the rounds.
+kind (latency, startup, memory, size:SECTION:BYTES), the JSON file that
+worker-client (or bench_spawn) wrote for it, and a file with the run's CPU
+time ("USER SYSTEM WALL" seconds, client and worker together) or '-'. A row
+measured in several rounds has a line per round; its figures are the medians
+of the rounds.
 """
 
 import json
@@ -48,8 +50,13 @@ def main():
     with open(rows_tsv) as f:
         for line in f:
             if line.strip():
-                name, floor, kind, path = line.rstrip("\n").split("\t")
-                rounds.setdefault((name, floor, kind), []).append(load(path))
+                name, floor, kind, path, cpu = line.rstrip("\n").split("\t")
+                raw = load(path)
+                if cpu != "-":
+                    with open(cpu) as times:
+                        user, system, wall = (float(x) for x in times.read().split()[-3:])
+                    raw["cpu_s"], raw["wall_s"] = user + system, wall
+                rounds.setdefault((name, floor, kind), []).append(raw)
     for (name, floor, kind), raws in rounds.items():
         raw = raws[0]
         row = {
@@ -68,6 +75,11 @@ def main():
             row["p999_us"] = median(raws, lambda r: r["latency_ms"].get("p999", 0) * 1000)
             row["requests_per_s"] = median(raws, lambda r: r["throughput_per_s"])
             row["requests"] = raw["requests"]
+            if all("cpu_s" in r for r in raws):
+                # Start-up and the warm-up request are in these too: small
+                # beside thousands of requests, not at a few dozen.
+                row["cpu_us_per_request"] = median(raws, lambda r: r["cpu_s"] * 1e6 / r["requests"])
+                row["cores_busy"] = median(raws, lambda r: r["cpu_s"] / r["wall_s"])
         if len(raws) > 1:
             row["rounds"] = len(raws)
         if floor != "-":
@@ -155,7 +167,7 @@ def num(x, fmt="{:.1f}"):
 
 def print_table(rows, machine):
     print(f"machine: {machine}")
-    header = ["row", "p50 µs", "p99 µs", "p99.9 µs", "req/s", "floor", "×floor"]
+    header = ["row", "p50 µs", "p99 µs", "p99.9 µs", "req/s", "cpu µs", "cores", "floor", "×floor"]
     table = [header]
     extra = []
     for r in rows:
@@ -182,6 +194,8 @@ def print_table(rows, machine):
                 num(r["p99_us"]),
                 num(r.get("p999_us")),
                 num(r["requests_per_s"], "{:.0f}"),
+                num(r.get("cpu_us_per_request")),
+                num(r.get("cores_busy"), "{:.2f}"),
                 r.get("floor", ""),
                 num(r.get("ratio_to_floor"), "{:.2f}"),
             ]
@@ -189,7 +203,7 @@ def print_table(rows, machine):
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     for line in table:
         cells = [
-            str(c).ljust(w) if i in (0, 5) else str(c).rjust(w)
+            str(c).ljust(w) if i in (0, 7) else str(c).rjust(w)
             for i, (c, w) in enumerate(zip(line, widths))
         ]
         print("  ".join(cells).rstrip())
@@ -209,6 +223,10 @@ def print_targets(by_name, rows):
 
     def ratio(a, b):
         return a / b if a is not None and b else None
+
+    def field(name, key):
+        r = by_name.get(name)
+        return r.get(key) if r else None
 
     memo = {r["row"]: r for r in rows}
     checks = [
@@ -236,6 +254,12 @@ def print_targets(by_name, rows):
          ratio(rps("buck2 ExecuteStream 64"), rps("floor grpc bidi 64")), ">=", 0.9),
         ("Multiplex 4 throughput ≥ 1.8× singleplex (file write)",
          ratio(rps("bazel proto multiplex 4 write"), rps("bazel proto singleplex write")), ">=", 1.8),
+        ("  beside: multiplex 4 write, cores busy (client and worker; at the core count the work is spread)",
+         field("bazel proto multiplex 4 write", "cores_busy"), None, None),
+        ("  beside: multiplex 4 write, CPU µs per request (client and worker)",
+         field("bazel proto multiplex 4 write", "cpu_us_per_request"), None, None),
+        ("  beside: multiplex 4 no-op throughput / singleplex no-op",
+         ratio(rps("bazel proto multiplex 4 noop"), rps("bazel proto singleplex noop")), None, None),
         ("Start-up to first Bazel response ≤ 1500 µs",
          p50("start-up bazel to first response"), "<=", 1500),
         ("Start-up to accepting ≤ gRPC floor's + 500 µs (difference, µs)",
