@@ -12,6 +12,7 @@ of the rounds.
 """
 
 import json
+import os
 import statistics
 import sys
 
@@ -258,6 +259,10 @@ def print_targets(by_name, rows):
          field("bazel proto multiplex 4 write", "cores_busy"), None, None),
         ("  beside: multiplex 4 write, CPU µs per request (client and worker)",
          field("bazel proto multiplex 4 write", "cpu_us_per_request"), None, None),
+        ("  beside: multiplex 4 write throughput / what the cores allow (cores ÷ CPU per request)",
+         ratio(rps("bazel proto multiplex 4 write"),
+               ratio(os.cpu_count() * 1e6, field("bazel proto multiplex 4 write", "cpu_us_per_request"))),
+         None, None),
         ("  beside: multiplex 4 no-op throughput / singleplex no-op",
          ratio(rps("bazel proto multiplex 4 noop"), rps("bazel proto singleplex noop")), None, None),
         ("Start-up to first Bazel response ≤ 1500 µs",
