@@ -327,6 +327,10 @@ pub fn serve_session(
         };
     }
     drop(table);
+    // The last answer may still be on its way out: its thread lets the table
+    // go before it writes. Taking the stream waits for that write, and
+    // nothing is written after the end of input.
+    writer.close();
     let stuck = pool.stuck();
     if stuck > 0 {
         crate::elog!("worker: end of input; leaving {stuck} stuck pool thread(s) behind");
