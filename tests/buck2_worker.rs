@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,7 +24,8 @@ use persistent_worker::proto::worker::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
 
-/// A worker process with its stderr read line by line.
+/// A worker process with its stderr (and any stray stdout, which a tool may
+/// write to mark where it is) read line by line.
 struct Worker {
     child: Child,
     socket: PathBuf,
@@ -43,11 +44,13 @@ impl Worker {
             .env("WORKER_SOCKET", socket)
             .current_dir(dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning the worker");
-        let lines = read_lines(child.stderr.take().expect("piped stderr"));
+        let (tx, lines) = channel();
+        read_lines(child.stderr.take().expect("piped stderr"), tx.clone());
+        read_lines(child.stdout.take().expect("piped stdout"), tx);
         let mut worker = Worker {
             child,
             socket: socket.to_path_buf(),
@@ -118,8 +121,7 @@ impl Drop for Worker {
     }
 }
 
-fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
+fn read_lines(stream: impl Read + Send + 'static, tx: Sender<String>) {
     thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -128,7 +130,6 @@ fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
             }
         }
     });
-    rx
 }
 
 fn command(argv: &[&str]) -> ExecuteCommand {
@@ -202,6 +203,8 @@ fn exec_cancel_event_stops_the_running_request() {
         let (mut tx, rx) = client.client_streaming(&EXEC, opt()).unwrap();
         let mut start = ExecuteEvent::new();
         start.data = Some(execute_event::Data::Command(command(&[
+            "--print-stdout",
+            "TOOL-RUNNING",
             "--work-ms",
             "60000",
             "never.txt",
@@ -212,7 +215,10 @@ fn exec_cancel_event_stops_the_running_request() {
             Duration::from_secs(10),
         )
         .unwrap();
-        worker.expect_line("Exec #0 started", Duration::from_secs(10));
+        // The tool itself says it runs: "started" is logged when the call
+        // queues the request, and a cancel that beats the pool thread to it
+        // stops it before the tool starts (seen on a loaded machine).
+        worker.expect_line("TOOL-RUNNING", Duration::from_secs(10));
         let mut cancel = ExecuteEvent::new();
         cancel.data = Some(execute_event::Data::Cancel(ExecuteCancel::new()));
         // The cancel may stop the request and end the call before this send
@@ -809,9 +815,20 @@ fn sigterm_cancels_what_outlives_the_grace_period() {
         let conn = worker.connect(env());
         let call = conn
             .client()
-            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "late"]), opt())
+            .unary_call_async(
+                &EXECUTE,
+                &command(&[
+                    "--print-stdout",
+                    "TOOL-RUNNING",
+                    "--work-ms",
+                    "60000",
+                    "late",
+                ]),
+                opt(),
+            )
             .unwrap();
-        worker.expect_line("Execute #0 started", Duration::from_secs(10));
+        // Running, not only queued: see exec_cancel_event_stops_the_running_request.
+        worker.expect_line("TOOL-RUNNING", Duration::from_secs(10));
         let began = Instant::now();
         worker.signal(libc::SIGINT);
         let response = wait(call, Duration::from_secs(10)).unwrap();
@@ -867,7 +884,8 @@ fn the_worker_exits_when_its_parent_dies() {
             .read_line(&mut pid)
             .unwrap();
         let pid: i32 = pid.trim().parse().expect("worker pid");
-        let lines = read_lines(parent.stderr.take().unwrap());
+        let (tx, lines) = channel();
+        read_lines(parent.stderr.take().unwrap(), tx);
         let mut log = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -934,7 +952,8 @@ sys.stdin.read()  # the parent lives until the test closes stdin
             .stderr(Stdio::piped())
             .spawn()
             .expect("python3 runs the parent");
-        let lines = read_lines(parent.stderr.take().unwrap());
+        let (tx, lines) = channel();
+        read_lines(parent.stderr.take().unwrap(), tx);
         let mut stdin = parent.stdin.take().unwrap();
         let mut log = Vec::new();
         let wait_for = |needle: &str, log: &mut Vec<String>| loop {
