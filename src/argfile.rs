@@ -140,6 +140,17 @@ pub fn expand(args: &[String], base: &Path) -> Result<Vec<String>, ArgfileError>
     expand_with(args, base, Limits::current())
 }
 
+/// [`expand`] for arguments the caller owns: when none of them names an
+/// argument file, they are handed back as they are, without a copy, which is
+/// every request of a client that does not use argument files.
+pub fn expand_owned(args: Vec<String>, base: &Path) -> Result<Vec<String>, ArgfileError> {
+    let plain = |arg: &String| matches!(classify(arg), Arg::Literal(l) if l.len() == arg.len());
+    if args.iter().all(plain) {
+        return Ok(args);
+    }
+    expand(&args, base)
+}
+
 /// [`expand`] within explicit limits.
 pub fn expand_with(
     args: &[String],
@@ -360,6 +371,29 @@ mod tests {
         let d = dir();
         let args = strings(&["a", "-x", "--flag=1", "@", "--flagfile="]);
         assert_eq!(expand(&args, d.path()).unwrap(), args);
+    }
+
+    #[test]
+    fn owned_arguments_expand_alike_and_plain_ones_are_not_copied() {
+        let d = dir();
+        write(d.path(), "f", "x\n");
+        for form in [
+            vec!["a", "-x", "--flag=1", "@", "--flagfile="],
+            vec!["a", "@f", "b"],
+            vec!["@@f"],
+            vec!["--flagfile=f"],
+            vec!["-flagfile", "f"],
+            vec!["--flagfile"],
+        ] {
+            let args = strings(&form);
+            let by_copy = expand(&args, d.path()).map_err(|e| e.to_string());
+            let owned = expand_owned(args, d.path()).map_err(|e| e.to_string());
+            assert_eq!(owned, by_copy, "form {form:?}");
+        }
+        let plain = strings(&["a", "--flag=1", "@"]);
+        let buffer = plain.as_ptr();
+        let kept = expand_owned(plain, d.path()).unwrap();
+        assert_eq!(kept.as_ptr(), buffer, "plain arguments were copied");
     }
 
     #[test]

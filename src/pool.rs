@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
@@ -102,13 +102,13 @@ impl Pool {
         request: Request,
         done: impl FnOnce(Response) + Send + 'static,
     ) -> Ticket {
-        let ticket = Ticket {
+        let ticket = Ticket(Arc::new(Submitted {
             token: request.cancel.clone(),
-            label: describe(&request),
-            answer: Answer::new(done),
-            state: Arc::new(Mutex::new(JobState::Queued)),
+            id: request.id.clone(),
+            answer: Mutex::new(Some(Box::new(done))),
+            state: Mutex::new(JobState::Queued),
             shared: Arc::clone(&self.shared),
-        };
+        }));
         if let Some(deadline) = request.cancel.deadline() {
             ticket.answer_at(
                 deadline + TIMEOUT_GRACE,
@@ -121,7 +121,7 @@ impl Pool {
             crate::elog!(
                 "worker: WARNING: {} queued: all {stuck} pool thread(s) are stuck in tools \
                  that ignore cancellation; it waits until one of them returns",
-                ticket.label
+                ticket.label()
             );
         }
         let job = ticket.clone();
@@ -200,78 +200,53 @@ fn next_job(receiver: &crossbeam_channel::Receiver<Job>, awake: &AtomicUsize) ->
 
 type Done = Box<dyn FnOnce(Response) + Send>;
 
-/// A completion callback that runs at most once, whoever calls first.
-struct Answer(Arc<Mutex<Option<Done>>>);
-
-impl Answer {
-    fn new(done: impl FnOnce(Response) + Send + 'static) -> Answer {
-        Answer(Arc::new(Mutex::new(Some(Box::new(done)))))
-    }
-
-    fn clone(&self) -> Answer {
-        Answer(Arc::clone(&self.0))
-    }
-
-    /// Whether this call delivered the response.
-    fn give(&self, response: Response) -> bool {
-        let done = lock(&self.0).take();
-        match done {
-            Some(done) => {
-                done(response);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// Where a submitted request is, as far as answering early is concerned.
 enum JobState {
     Queued,
     Running {
         since: Instant,
-        thread: String,
+        thread: Thread,
     },
     /// Answered early while its handler still runs.
     Stuck {
         since: Instant,
-        thread: String,
+        thread: Thread,
     },
     Done,
 }
 
 /// A submitted request: lets its front end cancel it with a bounded wait for
 /// the answer, whatever the tool does with its token.
-pub struct Ticket {
+pub struct Ticket(Arc<Submitted>);
+
+/// What the front end, the pool thread and the timer thread share about one
+/// request, in one allocation: it is made for every request.
+struct Submitted {
     token: CancelToken,
-    label: String,
-    answer: Answer,
-    state: Arc<Mutex<JobState>>,
+    /// The request's protocol id, for logs.
+    id: String,
+    /// The completion callback; taken by whoever answers first.
+    answer: Mutex<Option<Done>>,
+    state: Mutex<JobState>,
     shared: Arc<Shared>,
 }
 
 impl Ticket {
     fn clone(&self) -> Ticket {
-        Ticket {
-            token: self.token.clone(),
-            label: self.label.clone(),
-            answer: self.answer.clone(),
-            state: Arc::clone(&self.state),
-            shared: Arc::clone(&self.shared),
-        }
+        Ticket(Arc::clone(&self.0))
     }
 
     /// The request's own token: cancelling it alone leaves the answer to the
     /// handler, however long it takes.
     pub fn token(&self) -> &CancelToken {
-        &self.token
+        &self.0.token
     }
 
     /// Cancels the request; if its handler has not answered [`CANCEL_GRACE`]
     /// from now, the pool answers it as cancelled and reports the thread as
     /// stuck.
     pub fn cancel(&self) {
-        self.token.cancel();
+        self.0.token.cancel();
         self.answer_at(
             Instant::now() + CANCEL_GRACE,
             Stop::Cancelled,
@@ -281,16 +256,35 @@ impl Ticket {
 
     fn answer_at(&self, when: Instant, stop: Stop, message: &'static str) {
         let ticket = self.clone();
-        self.shared
+        self.0
+            .shared
             .timer
             .get_or_init(Timer::start)
             .at(when, move || ticket.answer_early(stop, message));
     }
 
+    /// Whether this call delivered the response: the callback runs once,
+    /// whoever calls first.
+    fn give(&self, response: Response) -> bool {
+        let done = lock(&self.0.answer).take();
+        match done {
+            Some(done) => {
+                done(response);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How logs name the request.
+    fn label(&self) -> String {
+        describe(&self.0.id)
+    }
+
     /// Runs on the timer thread: answers for a handler that is late, and
     /// records its thread as stuck.
     fn answer_early(&self, stop: Stop, message: &str) {
-        let mut state = lock(&self.state);
+        let mut state = lock(&self.0.state);
         let stuck_in = match &*state {
             JobState::Done | JobState::Stuck { .. } => return,
             JobState::Queued => None,
@@ -304,21 +298,22 @@ impl Ticket {
                     since: *since,
                     thread: thread.clone(),
                 };
-                self.shared.stuck.fetch_add(1, Ordering::AcqRel) + 1
+                self.0.shared.stuck.fetch_add(1, Ordering::AcqRel) + 1
             }
             None => 0,
         };
         drop(state);
-        self.answer.give(Response::stopped(stop, message));
+        self.give(Response::stopped(stop, message));
         let Some((since, thread)) = stuck_in else {
             return;
         };
-        let size = self.shared.size;
+        let size = self.0.shared.size;
         crate::elog!(
-            "worker: pool thread {thread} is stuck: {} has run {:.1} s and its tool ignores \
+            "worker: pool thread {} is stuck: {} has run {:.1} s and its tool ignores \
              its {}; answered for it, the thread stays busy until the tool returns \
              ({stuck} of {size} thread(s) stuck)",
-            self.label,
+            thread.name().unwrap_or("?"),
+            self.label(),
             since.elapsed().as_secs_f64(),
             match stop {
                 Stop::Cancelled => "cancel",
@@ -335,40 +330,41 @@ impl Ticket {
 
     /// Runs on a pool thread.
     fn run(&self, handler: &dyn Handler, request: Request) {
-        if let Some(stop) = self.token.stopped() {
+        if let Some(stop) = self.0.token.stopped() {
             // Cancelled or timed out while queued: the client may already
             // have its answer, and a stuck tool must not take another thread.
-            *lock(&self.state) = JobState::Done;
-            self.answer.give(Response::stopped(
+            *lock(&self.0.state) = JobState::Done;
+            self.give(Response::stopped(
                 stop,
                 "worker: stopped before the tool started\n",
             ));
             return;
         }
-        *lock(&self.state) = JobState::Running {
+        *lock(&self.0.state) = JobState::Running {
             since: Instant::now(),
-            thread: thread::current().name().unwrap_or("?").to_owned(),
+            thread: thread::current(),
         };
         let response = run(handler, request);
-        let before = std::mem::replace(&mut *lock(&self.state), JobState::Done);
+        let before = std::mem::replace(&mut *lock(&self.0.state), JobState::Done);
         if let JobState::Stuck { since, thread } = before {
-            let left = self.shared.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
+            let left = self.0.shared.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
             crate::elog!(
-                "worker: pool thread {thread} is free again: {} returned after {:.1} s \
+                "worker: pool thread {} is free again: {} returned after {:.1} s \
                  ({left} thread(s) still stuck)",
-                self.label,
+                thread.name().unwrap_or("?"),
+                self.label(),
                 since.elapsed().as_secs_f64()
             );
         }
-        self.answer.give(response);
+        self.give(response);
     }
 }
 
-fn describe(request: &Request) -> String {
-    if request.id.is_empty() {
+fn describe(id: &str) -> String {
+    if id.is_empty() {
         "a request".to_owned()
     } else {
-        format!("request {}", request.id)
+        format!("request {id}")
     }
 }
 
@@ -434,7 +430,8 @@ impl Timer {
 /// `request.workdir`. A handler panic becomes exit code 1 with the panic text,
 /// so one bad request cannot take the worker down.
 pub fn run(handler: &dyn Handler, mut request: Request) -> Response {
-    request.args = match argfile::expand(&request.args, &request.workdir) {
+    request.args = match argfile::expand_owned(std::mem::take(&mut request.args), &request.workdir)
+    {
         Ok(args) => args,
         Err(e) => return Response::error(2, format!("{e}\n")),
     };

@@ -95,19 +95,29 @@ fn bazel_sigterm_under_load_answers_every_accepted_request_and_exits_0() {
     let ids: Vec<i32> = (1..=10).collect();
     for &id in &ids {
         let out = format!("out-{id}");
+        let running = format!("TOOL-RUNNING-{id}");
         // Two stuck tools hold two of the four threads; the rest honour the
         // cancel, and four wait in the queue.
         let args: Vec<&str> = if id <= 2 {
-            vec!["--busy-ms", "60000", &out]
+            vec!["--print-stdout", &running, "--busy-ms", "60000", &out]
         } else {
             vec!["--work-ms", "60000", &out]
         };
         worker.send(&request(id, &args));
     }
     // The log line is written once a request is in the in-flight table,
-    // which is what "accepted" means here.
+    // which is what "accepted" means here; the stuck tools say they run (their
+    // stdout goes to the log), or a SIGTERM that beat their pool threads
+    // would stop them before they started.
     let deadline = Instant::now() + WAIT;
-    while !worker.stderr().contains("request 10 started") {
+    while ![
+        "request 10 started",
+        "TOOL-RUNNING-1 (raw",
+        "TOOL-RUNNING-2 (raw",
+    ]
+    .iter()
+    .all(|line| worker.stderr().contains(line))
+    {
         assert!(
             Instant::now() < deadline,
             "requests not accepted: {}",

@@ -4,7 +4,7 @@
 
 use std::io::BufRead;
 
-use protobuf::Message;
+use protobuf::{CodedOutputStream, Message};
 
 use super::framing::{self, FrameError};
 use super::json;
@@ -70,11 +70,7 @@ impl WireFormat {
     /// One response, ready to write: a delimited frame, or one JSON line.
     pub fn encode_response(self, response: &WorkResponse) -> Vec<u8> {
         match self {
-            WireFormat::Proto => {
-                // Writing to a Vec cannot fail; an empty message is the
-                // fallback that still keeps the stream framed.
-                framing::encode_frame(&response.write_to_bytes().unwrap_or_default())
-            }
+            WireFormat::Proto => delimited(response),
             WireFormat::Json => {
                 let mut line = json_mapping::print_response(response);
                 line.push('\n');
@@ -86,9 +82,7 @@ impl WireFormat {
     /// Encodes a request the way a client does (used by tests and clients).
     pub fn encode_request(self, request: &WorkRequest) -> Vec<u8> {
         match self {
-            WireFormat::Proto => {
-                framing::encode_frame(&request.write_to_bytes().unwrap_or_default())
-            }
+            WireFormat::Proto => delimited(request),
             WireFormat::Json => {
                 let mut line = json_mapping::print_request(request);
                 line.push('\n');
@@ -128,6 +122,26 @@ impl WireFormat {
             },
         }
     }
+}
+
+/// A message behind its length, encoded straight into one buffer of the
+/// exact size: a response may carry megabytes of output.
+fn delimited(message: &impl Message) -> Vec<u8> {
+    let size = message.compute_size();
+    let mut frame = Vec::with_capacity(size as usize + framing::MAX_VARINT_BYTES);
+    framing::encode_varint(size, &mut frame);
+    let mut stream = CodedOutputStream::vec(&mut frame);
+    // Writing to a Vec cannot fail, and the sizes were cached just above; an
+    // empty message is the fallback that still keeps the stream framed.
+    let written = message
+        .write_to_with_cached_sizes(&mut stream)
+        .and_then(|()| stream.flush());
+    drop(stream);
+    if written.is_err() {
+        frame.clear();
+        framing::encode_varint(0, &mut frame);
+    }
+    frame
 }
 
 #[cfg(test)]
@@ -184,6 +198,24 @@ mod tests {
             .read_request(&mut BufReader::new(&bytes[..]), 1 << 20)
             .unwrap();
         assert_eq!(got, Some(request));
+    }
+
+    #[test]
+    fn a_large_response_is_encoded_in_one_buffer_of_its_size() {
+        let mut response = WorkResponse::new();
+        response.request_id = 9;
+        response.output = "y".repeat(3 << 20);
+        let bytes = WireFormat::Proto.encode_response(&response);
+        assert!(
+            bytes.capacity() <= bytes.len() + framing::MAX_VARINT_BYTES,
+            "{} bytes in a buffer of {}",
+            bytes.len(),
+            bytes.capacity()
+        );
+        let got = WireFormat::Proto
+            .read_response(&mut BufReader::new(&bytes[..]), 4 << 20)
+            .unwrap();
+        assert_eq!(got, Some(response));
     }
 
     #[test]

@@ -97,20 +97,20 @@ pub fn decode_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, FrameError> {
 
 /// Reads one frame. `Ok(None)` is a clean end of input at a frame boundary.
 pub fn read_frame(input: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut prefix = Vec::with_capacity(MAX_VARINT_BYTES);
+    let mut prefix = [0u8; MAX_VARINT_BYTES];
+    let mut got = 0;
     let length = loop {
-        let mut byte = [0u8];
-        match read_some(input, &mut byte)? {
-            0 if prefix.is_empty() => return Ok(None),
+        match read_some(input, &mut prefix[got..=got])? {
+            0 if got == 0 => return Ok(None),
             0 => {
                 return Err(FrameError::Truncated {
-                    expected: prefix.len() + 1,
-                    got: prefix.len(),
+                    expected: got + 1,
+                    got,
                 })
             }
-            _ => prefix.push(byte[0]),
+            _ => got += 1,
         }
-        if let Some((length, _)) = decode_varint(&prefix)? {
+        if let Some((length, _)) = decode_varint(&prefix[..got])? {
             break length as usize;
         }
     };

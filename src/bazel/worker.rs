@@ -9,13 +9,12 @@
 //! to singleplex workers too.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::{bounded, Receiver};
 
 use super::codec::WireFormat;
 use super::framing::FrameError;
@@ -104,7 +103,7 @@ impl WriterHold<'_> {
 pub struct Session {
     writer: Arc<ResponseWriter>,
     in_flight: Arc<Mutex<HashMap<i32, Ticket>>>,
-    /// Signalled whenever `in_flight` becomes empty.
+    /// Signalled whenever `in_flight` becomes empty or request 0 leaves it.
     left: Condvar,
     stopping: AtomicBool,
     identity: Arc<str>,
@@ -155,6 +154,7 @@ impl Session {
             self.writer.send(&to_wire(&self.identity, id, response));
         }
         table.clear();
+        self.left.notify_all();
         self.writer.close();
         stuck.len()
     }
@@ -191,8 +191,6 @@ pub fn serve_session(
     let writer = Arc::clone(&session.writer);
     let in_flight = Arc::clone(&session.in_flight);
     let identity = Arc::clone(&session.identity);
-    // Completion of the id-0 request in flight, if any.
-    let mut singleplex: Option<Receiver<()>> = None;
     loop {
         let work = match config
             .format
@@ -230,10 +228,15 @@ pub fn serve_session(
             // Singleplex: the previous id-0 request is answered before
             // anything about this one, even an error. Waiting here rather
             // than after dispatch keeps id 0 from blocking the other ids,
-            // which Bazel 2.1 gives to sibling multiplex proxies.
-            if let Some(previous) = singleplex.take() {
-                // A dropped sender (pool gone) also ends the wait.
-                let _ = previous.recv();
+            // which Bazel 2.1 gives to sibling multiplex proxies. Its
+            // thread takes the stream before it leaves the table, so an
+            // error written for this one still comes after that answer.
+            let mut table = lock(&in_flight);
+            while table.contains_key(&0) {
+                table = match session.left.wait(table) {
+                    Ok(table) => table,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
             }
         }
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
@@ -248,7 +251,6 @@ pub fn serve_session(
         let mut request = Request::new(work.arguments, workdir);
         request.verbosity = work.verbosity;
         request.id = id.to_string();
-        let (done_tx, done_rx) = bounded::<()>(1);
         {
             let mut table = lock(&in_flight);
             if table.contains_key(&id) {
@@ -304,16 +306,12 @@ pub fn serve_session(
                     );
                 }
                 hold.write(&frame);
-                // Only an empty table is waited for.
-                if left == 0 {
+                // Only an empty table and the singleplex request are waited for.
+                if left == 0 || id == 0 {
                     session.left.notify_all();
                 }
-                let _ = done_tx.send(());
             });
             table.insert(id, ticket);
-        }
-        if id == 0 {
-            singleplex = Some(done_rx);
         }
     }
     // Every request answered first; only then is it known whether a thread
@@ -342,14 +340,18 @@ pub fn serve_session(
 }
 
 fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
+    const WHO: &str = "Bazel persistent worker ";
+    // Sized once: the tool's output may be megabytes.
+    let mut output = String::with_capacity(WHO.len() + identity.len() + 13 + response.output.len());
+    output.push_str(WHO);
+    output.push_str(identity);
+    let _ = writeln!(output, " {id}");
+    output.push_str(&response.output);
     let mut wire = WorkResponse::new();
     wire.request_id = id;
     wire.exit_code = response.exit_code;
     wire.was_cancelled = response.cancelled;
-    wire.output = format!(
-        "Bazel persistent worker {identity} {id}\n{}",
-        response.output
-    );
+    wire.output = output;
     wire
 }
 
