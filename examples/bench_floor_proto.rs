@@ -1,8 +1,10 @@
 //! Benchmark floor for the Bazel protocol with protobuf: reads varint-framed
 //! `WorkRequest`s on stdin, decodes each with the worker's own protobuf
 //! crate and messages, and writes a `WorkResponse` with the same id and exit
-//! code 0 in one write. No threads, no handler, no output text: the worker's
-//! Bazel proto no-op round trip is measured against this.
+//! code 0 in one write. It reads frames the way the worker does (decoded in
+//! place when they sit whole in the read buffer). No threads, no handler, no
+//! output text: the worker's Bazel proto no-op round trip is measured against
+//! this.
 //!
 //! With `--via-thread`, the reading thread hands each decoded request through
 //! a crossbeam channel to a second thread that encodes and writes the answer:
@@ -16,7 +18,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 
-use persistent_worker::bazel::framing::{read_frame, DEFAULT_MAX_MESSAGE_BYTES};
+use persistent_worker::bazel::framing::{with_frame, DEFAULT_MAX_MESSAGE_BYTES};
 use persistent_worker::proto::worker_protocol::{WorkRequest, WorkResponse};
 use protobuf::Message;
 
@@ -47,12 +49,16 @@ fn main() -> ExitCode {
 fn serve(mut pass: impl FnMut(i32) -> Result<(), ExitCode>) -> Result<(), ExitCode> {
     let mut input = BufReader::with_capacity(64 << 10, std::io::stdin().lock());
     loop {
-        let frame = match read_frame(&mut input, DEFAULT_MAX_MESSAGE_BYTES) {
-            Ok(Some(frame)) => frame,
+        let request = match with_frame(
+            &mut input,
+            DEFAULT_MAX_MESSAGE_BYTES,
+            WorkRequest::parse_from_bytes,
+        ) {
+            Ok(Some(request)) => request,
             Ok(None) => return Ok(()),
             Err(e) => return Err(fail(&e)),
         };
-        match WorkRequest::parse_from_bytes(&frame) {
+        match request {
             Ok(request) => pass(request.request_id)?,
             Err(e) => return Err(fail(&e)),
         }

@@ -4,6 +4,7 @@
 //! token that lets a front end stop a request that is already running.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,7 +130,11 @@ pub struct CancelToken {
 
 #[derive(Debug)]
 struct TokenInner {
-    cancelled: Mutex<bool>,
+    /// Read on every request, twice: a flag, not a lock.
+    cancelled: AtomicBool,
+    /// Only for [`CancelToken::sleep`]: held while a sleeper checks the flag
+    /// and by `cancel` while it wakes sleepers, so no wake-up is lost.
+    sleepers: Mutex<()>,
     wake: Condvar,
     deadline: Mutex<Option<Instant>>,
 }
@@ -144,7 +149,8 @@ impl CancelToken {
     pub fn new() -> CancelToken {
         CancelToken {
             inner: Arc::new(TokenInner {
-                cancelled: Mutex::new(false),
+                cancelled: AtomicBool::new(false),
+                sleepers: Mutex::new(()),
                 wake: Condvar::new(),
                 deadline: Mutex::new(None),
             }),
@@ -163,14 +169,15 @@ impl CancelToken {
 
     /// Cancels the request and wakes any [`CancelToken::sleep`].
     pub fn cancel(&self) {
-        *lock(&self.inner.cancelled) = true;
+        self.inner.cancelled.store(true, Ordering::Release);
+        let _sleepers = lock(&self.inner.sleepers);
         self.inner.wake.notify_all();
     }
 
     /// `Some` once the request was cancelled or ran past its deadline.
     /// Cancellation wins when both happened.
     pub fn stopped(&self) -> Option<Stop> {
-        if *lock(&self.inner.cancelled) {
+        if self.inner.cancelled.load(Ordering::Acquire) {
             return Some(Stop::Cancelled);
         }
         match *lock(&self.inner.deadline) {
@@ -183,9 +190,9 @@ impl CancelToken {
     pub fn sleep(&self, duration: Duration) -> Result<(), Stop> {
         let end = Instant::now() + duration;
         let deadline = *lock(&self.inner.deadline);
-        let mut cancelled = lock(&self.inner.cancelled);
+        let mut sleepers = lock(&self.inner.sleepers);
         loop {
-            if *cancelled {
+            if self.inner.cancelled.load(Ordering::Acquire) {
                 return Err(Stop::Cancelled);
             }
             let now = Instant::now();
@@ -196,7 +203,7 @@ impl CancelToken {
                 return Ok(());
             }
             let until = deadline.map_or(end, |d| d.min(end));
-            cancelled = match self.inner.wake.wait_timeout(cancelled, until - now) {
+            sleepers = match self.inner.wake.wait_timeout(sleepers, until - now) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };

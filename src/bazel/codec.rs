@@ -41,12 +41,9 @@ impl WireFormat {
         max: usize,
     ) -> Result<Option<WorkRequest>, FrameError> {
         match self {
-            WireFormat::Proto => match framing::read_frame(input, max)? {
-                None => Ok(None),
-                Some(bytes) => WorkRequest::parse_from_bytes(&bytes)
-                    .map(Some)
-                    .map_err(|e| FrameError::Malformed(e.to_string())),
-            },
+            WireFormat::Proto => framing::with_frame(input, max, WorkRequest::parse_from_bytes)?
+                .transpose()
+                .map_err(|e| FrameError::Malformed(e.to_string())),
             WireFormat::Json => match json::read_object(input, max)? {
                 None => Ok(None),
                 Some(bytes) => {
@@ -98,12 +95,9 @@ impl WireFormat {
         max: usize,
     ) -> Result<Option<WorkResponse>, FrameError> {
         match self {
-            WireFormat::Proto => match framing::read_frame(input, max)? {
-                None => Ok(None),
-                Some(bytes) => WorkResponse::parse_from_bytes(&bytes)
-                    .map(Some)
-                    .map_err(|e| FrameError::Malformed(e.to_string())),
-            },
+            WireFormat::Proto => framing::with_frame(input, max, WorkResponse::parse_from_bytes)?
+                .transpose()
+                .map_err(|e| FrameError::Malformed(e.to_string())),
             WireFormat::Json => match json::read_object(input, max)? {
                 None => Ok(None),
                 Some(bytes) => {

@@ -3,7 +3,7 @@
 //! that every limit is ours to choose and test.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 /// A 32-bit length never needs more than 5 varint bytes.
 pub const MAX_VARINT_BYTES: usize = 5;
@@ -142,6 +142,32 @@ pub fn read_frame(input: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, 
     Ok(Some(payload))
 }
 
+/// Reads one frame and hands its payload to `decode`. A frame that already
+/// sits whole in `input`'s buffer (every small request of a busy client) is
+/// decoded where it lies, without a copy or an allocation; any other goes
+/// through [`read_frame`], and so does every error.
+pub fn with_frame<T>(
+    input: &mut impl BufRead,
+    max: usize,
+    decode: impl FnOnce(&[u8]) -> T,
+) -> Result<Option<T>, FrameError> {
+    let buffered = loop {
+        match input.fill_buf() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other.map_err(FrameError::Io)?,
+        }
+    };
+    if let Ok(Some((length, prefix))) = decode_varint(buffered) {
+        let (length, end) = (length as usize, prefix + length as usize);
+        if length <= max && end <= buffered.len() {
+            let decoded = decode(&buffered[prefix..end]);
+            input.consume(end);
+            return Ok(Some(decoded));
+        }
+    }
+    Ok(read_frame(input, max)?.map(|payload| decode(&payload)))
+}
+
 fn read_some(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
     loop {
         match input.read(buf) {
@@ -172,6 +198,52 @@ mod tests {
         for length in [0, 1, 127, 128, 16383, 16384, 1 << 21, LIMIT] {
             round_trip(length).unwrap_or_else(|e| panic!("length {length}: {e}"));
         }
+    }
+
+    /// Frames of every size, read through buffers of every size: a frame that
+    /// lies whole in the buffer and one that straddles refills decode alike.
+    #[test]
+    fn with_frame_reads_what_read_frame_reads_whatever_the_buffer_holds() {
+        let lengths = [0usize, 1, 127, 128, 300, 5000];
+        let mut stream = Vec::new();
+        for &length in &lengths {
+            stream.extend(encode_frame(&vec![length as u8; length]));
+        }
+        for capacity in [1, 2, 7, 64, 200, 4096, 1 << 16] {
+            let mut input = io::BufReader::with_capacity(capacity, &stream[..]);
+            for &length in &lengths {
+                let got = with_frame(&mut input, LIMIT, <[u8]>::to_vec).unwrap();
+                assert_eq!(got, Some(vec![length as u8; length]), "capacity {capacity}");
+            }
+            let end = with_frame(&mut input, LIMIT, <[u8]>::to_vec).unwrap();
+            assert_eq!(end, None, "capacity {capacity}");
+        }
+        // Limits and errors are read_frame's, buffered or not.
+        let frame = encode_frame(&[7; 100]);
+        let mut input = io::BufReader::new(&frame[..]);
+        let err = with_frame(&mut input, 99, |_| ()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    length: 100,
+                    max: 99
+                }
+            ),
+            "{err:?}"
+        );
+        let mut input = io::BufReader::new(&frame[..50]);
+        let err = with_frame(&mut input, LIMIT, |_| ()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::Truncated {
+                    expected: 100,
+                    got: 49
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

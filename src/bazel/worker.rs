@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +103,7 @@ impl WriterHold<'_> {
 /// what a stop signal needs to reach to answer every one of them.
 pub struct Session {
     writer: Arc<ResponseWriter>,
-    in_flight: Arc<Mutex<HashMap<i32, Ticket>>>,
+    in_flight: Arc<Mutex<InFlight>>,
     /// Signalled whenever `in_flight` becomes empty or request 0 leaves it.
     left: Condvar,
     stopping: AtomicBool,
@@ -337,6 +338,31 @@ pub fn serve_session(
         pool.join();
     }
     Ok(())
+}
+
+/// The requests in flight by id: looked up three times per request.
+type InFlight = HashMap<i32, Ticket, BuildHasherDefault<IdHasher>>;
+
+/// Spreads request ids with one multiplication (Fibonacci hashing) instead of
+/// SipHash: the ids come from the one client the worker serves, which could
+/// only slow down its own requests by choosing colliding ones.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_i32(&mut self, id: i32) {
+        self.0 = u64::from(id as u32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
