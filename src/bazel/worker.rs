@@ -371,11 +371,16 @@ fn to_wire(identity: &str, id: i32, response: Response) -> WorkResponse {
     // The header goes in front of the tool's output in its own buffer: the
     // output may be megabytes, and a second buffer of that size per response
     // is memory the allocator hands back and faults in again every time.
-    let mut output = response.output;
-    // Exactly: the amortised doubling of a plain insert would ask for twice
-    // the output's size.
-    output.reserve_exact(header.len());
-    output.insert_str(0, &header);
+    let output = if response.output.is_empty() {
+        header
+    } else {
+        let mut output = response.output;
+        // Exactly: the amortised doubling of a plain insert would ask for
+        // twice the output's size.
+        output.reserve_exact(header.len());
+        output.insert_str(0, &header);
+        output
+    };
     let mut wire = WorkResponse::new();
     wire.request_id = id;
     wire.exit_code = response.exit_code;
