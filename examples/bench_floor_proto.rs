@@ -49,17 +49,14 @@ fn main() -> ExitCode {
 fn serve(mut pass: impl FnMut(i32) -> Result<(), ExitCode>) -> Result<(), ExitCode> {
     let mut input = BufReader::with_capacity(64 << 10, std::io::stdin().lock());
     loop {
-        let request = match with_frame(
+        match with_frame(
             &mut input,
             DEFAULT_MAX_MESSAGE_BYTES,
             WorkRequest::parse_from_bytes,
         ) {
-            Ok(Some(request)) => request,
+            Ok(Some(Ok(request))) => pass(request.request_id)?,
+            Ok(Some(Err(e))) => return Err(fail(&e)),
             Ok(None) => return Ok(()),
-            Err(e) => return Err(fail(&e)),
-        };
-        match request {
-            Ok(request) => pass(request.request_id)?,
             Err(e) => return Err(fail(&e)),
         }
     }

@@ -263,22 +263,22 @@ impl Ticket {
             .at(when, move || ticket.answer_early(stop, message));
     }
 
-    /// Whether this call delivered the response: the callback runs once,
-    /// whoever calls first.
-    fn give(&self, response: Response) -> bool {
+    /// Delivers the response unless someone answered first: the callback
+    /// runs once, whoever calls first.
+    fn give(&self, response: Response) {
         let done = lock(&self.0.answer).take();
-        match done {
-            Some(done) => {
-                done(response);
-                true
-            }
-            None => false,
+        if let Some(done) = done {
+            done(response);
         }
     }
 
     /// How logs name the request.
     fn label(&self) -> String {
-        describe(&self.0.id)
+        if self.0.id.is_empty() {
+            "a request".to_owned()
+        } else {
+            format!("request {}", self.0.id)
+        }
     }
 
     /// Runs on the timer thread: answers for a handler that is late, and
@@ -357,14 +357,6 @@ impl Ticket {
             );
         }
         self.give(response);
-    }
-}
-
-fn describe(id: &str) -> String {
-    if id.is_empty() {
-        "a request".to_owned()
-    } else {
-        format!("request {id}")
     }
 }
 

@@ -41,9 +41,7 @@ impl WireFormat {
         max: usize,
     ) -> Result<Option<WorkRequest>, FrameError> {
         match self {
-            WireFormat::Proto => framing::with_frame(input, max, WorkRequest::parse_from_bytes)?
-                .transpose()
-                .map_err(|e| FrameError::Malformed(e.to_string())),
+            WireFormat::Proto => read_message(input, max),
             WireFormat::Json => match json::read_object(input, max)? {
                 None => Ok(None),
                 Some(bytes) => {
@@ -95,9 +93,7 @@ impl WireFormat {
         max: usize,
     ) -> Result<Option<WorkResponse>, FrameError> {
         match self {
-            WireFormat::Proto => framing::with_frame(input, max, WorkResponse::parse_from_bytes)?
-                .transpose()
-                .map_err(|e| FrameError::Malformed(e.to_string())),
+            WireFormat::Proto => read_message(input, max),
             WireFormat::Json => match json::read_object(input, max)? {
                 None => Ok(None),
                 Some(bytes) => {
@@ -116,6 +112,13 @@ impl WireFormat {
             },
         }
     }
+}
+
+/// The next delimited message; `Ok(None)` at a clean end of input.
+fn read_message<M: Message>(input: &mut impl BufRead, max: usize) -> Result<Option<M>, FrameError> {
+    framing::with_frame(input, max, M::parse_from_bytes)?
+        .transpose()
+        .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// A message behind its length, encoded straight into one buffer of the
