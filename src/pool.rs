@@ -10,12 +10,12 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::argfile;
 use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
@@ -34,7 +34,10 @@ pub const CANCEL_GRACE: Duration = TIMEOUT_GRACE;
 /// threads queue, they are never rejected.
 pub struct Pool {
     sender: Option<Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
+    /// The threads' end of the channel until [`Pool::start`] hands it to them.
+    unstarted: Mutex<Option<Receiver<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    idle: Arc<Idle>,
     shared: Arc<Shared>,
 }
 
@@ -50,31 +53,53 @@ struct Shared {
 impl Pool {
     /// Starts `size` worker threads (at least one).
     pub fn new(size: usize) -> Pool {
+        let pool = Pool::unstarted(size);
+        pool.start();
+        pool
+    }
+
+    /// A pool whose threads do not exist yet: requests submitted to it queue
+    /// until [`Pool::start`]. Lets a front end whose start-up is on a build's
+    /// critical path (Buck2 waits for the socket to accept) create its threads
+    /// after it is reachable rather than before.
+    pub fn unstarted(size: usize) -> Pool {
         let (sender, receiver) = unbounded::<Job>();
-        let awake = Arc::new(AtomicUsize::new(0));
-        let threads = (0..size.max(1))
-            .map(|i| {
-                let receiver = receiver.clone();
-                let awake = Arc::clone(&awake);
-                thread::Builder::new()
-                    .name(format!("worker-{i}"))
-                    .spawn(move || {
-                        while let Some(job) = next_job(&receiver, &awake) {
-                            job();
-                        }
-                    })
-                    .expect("spawning a pool thread")
-            })
-            .collect();
         Pool {
             sender: Some(sender),
-            threads,
+            unstarted: Mutex::new(Some(receiver)),
+            threads: Mutex::new(Vec::new()),
+            idle: Arc::new(Idle::default()),
             shared: Arc::new(Shared {
                 timer: OnceLock::new(),
                 size: size.max(1),
                 stuck: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Spawns the threads; later calls do nothing.
+    pub fn start(&self) {
+        let Some(receiver) = lock(&self.unstarted).take() else {
+            return;
+        };
+        let threads = (0..self.shared.size).map(|i| {
+            let receiver = receiver.clone();
+            let idle = Arc::clone(&self.idle);
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    // The first wait sleeps: a thread that has never run a job
+                    // is starting up, and spinning then would only take a core
+                    // from the rest of the start-up.
+                    let mut job = idle.sleep(&receiver);
+                    while let Some(run) = job {
+                        run();
+                        job = idle.next_job(&receiver);
+                    }
+                })
+                .expect("spawning a pool thread")
+        });
+        lock(&self.threads).extend(threads);
     }
 
     pub fn size(&self) -> usize {
@@ -141,7 +166,7 @@ impl Pool {
     /// queue is drained, and one stuck in a handler is simply left behind.
     pub fn detach(mut self) {
         self.sender.take();
-        self.threads.clear();
+        self.threads_mut().clear();
     }
 
     /// Finishes every queued job, then joins the threads.
@@ -151,9 +176,13 @@ impl Pool {
 
     fn shutdown(&mut self) {
         self.sender.take();
-        for thread in self.threads.drain(..) {
+        for thread in std::mem::take(self.threads_mut()) {
             let _ = thread.join();
         }
+    }
+
+    fn threads_mut(&mut self) -> &mut Vec<JoinHandle<()>> {
+        self.threads.get_mut().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -163,39 +192,112 @@ impl Drop for Pool {
     }
 }
 
-/// How long a thread that has just finished a job keeps looking for the next
-/// one before it sleeps. A client that sends its next request as soon as it
-/// has the answer (a build's steady state) usually gets it to a thread still
+/// How a thread that has just finished a job waits for the next one: awake
+/// for a while, then asleep. A client that sends its next request as soon as
+/// it has the answer (a build's steady state) then finds a thread still
 /// awake: waking a sleeping thread costs a futex round trip and a scheduler
-/// wake-up on the request's path, more than the work of a no-op request.
-/// Short enough that an idle worker sleeps almost at once.
-const STAY_AWAKE: Duration = Duration::from_micros(50);
+/// wake-up on the request's path, more than the work of a no-op request (on
+/// a virtual machine whose idle core has halted, 20 to 50 µs).
+///
+/// How long is learnt from the last gap, the time from a thread finishing a
+/// job to a thread taking the next one: one and a half times that, to catch
+/// a client's steady rhythm (a Buck2 `Execute` round trip leaves the pool
+/// idle for 150 to 250 µs on a 2-core virtual machine, a Bazel one for 20 to
+/// 40 µs), within [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the
+/// pool's, not a thread's: the channel wakes a sleeping thread for each job,
+/// and when that thread wins the job, the awake one's own wait spans two.
+struct Idle {
+    /// Threads waiting awake now.
+    awake: AtomicUsize,
+    /// When a thread last finished a job, in µs since `epoch`.
+    finished_us: AtomicU64,
+    /// The last gap, in µs.
+    last_gap_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Idle {
+    fn default() -> Idle {
+        Idle {
+            awake: AtomicUsize::new(0),
+            finished_us: AtomicU64::new(0),
+            last_gap_us: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+const STAY_AWAKE_MIN: Duration = Duration::from_micros(50);
+const STAY_AWAKE_MAX: Duration = Duration::from_micros(500);
 
 /// One thread awake is enough to take the next request at once; more would
 /// only take turns on the cores that the busy threads (and the client) need.
 const MAX_AWAKE: usize = 1;
 
-fn next_job(receiver: &crossbeam_channel::Receiver<Job>, awake: &AtomicUsize) -> Option<Job> {
-    if awake.fetch_add(1, Ordering::AcqRel) < MAX_AWAKE {
-        let awake_until = Instant::now() + STAY_AWAKE;
-        loop {
+/// How long to stay awake after a gap of `last_gap`. A gap longer than the
+/// maximum (a client that paused) gives the minimum, so that an idle worker
+/// spends one short wait awake before it sleeps, not a long one.
+fn stay_awake(last_gap: Duration) -> Duration {
+    if last_gap > STAY_AWAKE_MAX {
+        return STAY_AWAKE_MIN;
+    }
+    (last_gap * 3 / 2).clamp(STAY_AWAKE_MIN, STAY_AWAKE_MAX)
+}
+
+impl Idle {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Waits asleep; `None` once the queue is closed and empty.
+    fn sleep(&self, receiver: &Receiver<Job>) -> Option<Job> {
+        let job = receiver.recv().ok();
+        if job.is_some() {
+            self.took();
+        }
+        job
+    }
+
+    fn took(&self) {
+        let gap = self
+            .now_us()
+            .saturating_sub(self.finished_us.load(Ordering::Relaxed));
+        self.last_gap_us.store(gap, Ordering::Relaxed);
+    }
+
+    /// The next job for a thread that has just finished one.
+    fn next_job(&self, receiver: &Receiver<Job>) -> Option<Job> {
+        let now = self.now_us();
+        self.finished_us.store(now, Ordering::Relaxed);
+        if self.awake.fetch_add(1, Ordering::AcqRel) >= MAX_AWAKE {
+            self.awake.fetch_sub(1, Ordering::AcqRel);
+            return self.sleep(receiver);
+        }
+        let last_gap = Duration::from_micros(self.last_gap_us.load(Ordering::Relaxed));
+        let awake_until = now.saturating_add(stay_awake(last_gap).as_micros() as u64);
+        let job = loop {
             match receiver.try_recv() {
                 Ok(job) => {
-                    awake.fetch_sub(1, Ordering::AcqRel);
-                    return Some(job);
+                    self.took();
+                    break Some(job);
                 }
-                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
-                Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < awake_until => {
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break None,
+                Err(crossbeam_channel::TryRecvError::Empty) if self.now_us() < awake_until => {
                     // Gives the core to a runnable thread, the client included,
                     // when there is one: the wait must not slow what it waits for.
                     thread::yield_now();
                 }
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    // No longer awake while asleep: another thread that
+                    // finishes meanwhile may wait awake instead.
+                    self.awake.fetch_sub(1, Ordering::AcqRel);
+                    return self.sleep(receiver);
+                }
             }
-        }
+        };
+        self.awake.fetch_sub(1, Ordering::AcqRel);
+        job
     }
-    awake.fetch_sub(1, Ordering::AcqRel);
-    receiver.recv().ok()
 }
 
 type Done = Box<dyn FnOnce(Response) + Send>;
@@ -468,6 +570,45 @@ mod tests {
             args.iter().map(|s| s.to_string()).collect(),
             PathBuf::from("."),
         )
+    }
+
+    #[test]
+    fn an_unstarted_pool_queues_until_it_starts() {
+        let pool = Pool::unstarted(2);
+        let (ran, has_run) = bounded(1);
+        pool.spawn(move || {
+            let _ = ran.send(());
+        });
+        // No thread exists yet that could take the job.
+        assert!(lock(&pool.threads).is_empty());
+        assert!(has_run.is_empty());
+        pool.start();
+        pool.start();
+        assert_eq!(
+            lock(&pool.threads).len(),
+            2,
+            "a second start spawns nothing"
+        );
+        has_run
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the queued job runs once the pool starts");
+        pool.join();
+    }
+
+    #[test]
+    fn the_wait_awake_follows_the_client_rhythm_within_bounds() {
+        let us = Duration::from_micros;
+        // A steady client: the next request comes within the wait.
+        assert_eq!(stay_awake(us(100)), us(150));
+        assert_eq!(stay_awake(us(200)), us(300));
+        // Quick clients still get the minimum; slow ones no more than the
+        // maximum, which still covers the gap itself.
+        assert_eq!(stay_awake(us(10)), STAY_AWAKE_MIN);
+        assert_eq!(stay_awake(us(400)), STAY_AWAKE_MAX);
+        assert!(stay_awake(STAY_AWAKE_MAX) >= STAY_AWAKE_MAX);
+        // A client that paused (or none yet): the short wait.
+        assert_eq!(stay_awake(STAY_AWAKE_MAX + us(1)), STAY_AWAKE_MIN);
+        assert_eq!(stay_awake(us(u64::MAX)), STAY_AWAKE_MIN);
     }
 
     #[test]

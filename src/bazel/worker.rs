@@ -13,8 +13,8 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::codec::WireFormat;
@@ -104,8 +104,13 @@ impl WriterHold<'_> {
 pub struct Session {
     writer: Arc<ResponseWriter>,
     in_flight: Arc<Mutex<InFlight>>,
-    /// Signalled whenever `in_flight` becomes empty or request 0 leaves it.
+    /// Signalled whenever `in_flight` becomes empty or request 0 leaves it,
+    /// if anybody waits for that.
     left: Condvar,
+    /// Threads waiting on `left`; changed and read only under the lock of
+    /// `in_flight`. Notifying costs a system call even with nobody waiting,
+    /// and the singleplex request leaves on every round trip.
+    waiting: AtomicUsize,
     stopping: AtomicBool,
     identity: Arc<str>,
 }
@@ -116,6 +121,7 @@ impl Session {
             writer: Arc::new(ResponseWriter::new(format, output)),
             in_flight: Arc::default(),
             left: Condvar::new(),
+            waiting: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             identity: crate::process::identity().into(),
         })
@@ -141,10 +147,12 @@ impl Session {
             if left.is_zero() {
                 break;
             }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
             table = match self.left.wait_timeout(table, left) {
                 Ok((table, _)) => table,
                 Err(poisoned) => poisoned.into_inner().0,
             };
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         let stuck: Vec<i32> = table.keys().copied().collect();
         for &id in &stuck {
@@ -155,9 +163,19 @@ impl Session {
             self.writer.send(&to_wire(&self.identity, id, response));
         }
         table.clear();
+        drop(table);
         self.left.notify_all();
         self.writer.close();
         stuck.len()
+    }
+
+    /// Waits, with the table's lock, until a request the session waits for
+    /// leaves the table (see `left`).
+    fn wait_for_a_leave<'a>(&self, table: MutexGuard<'a, InFlight>) -> MutexGuard<'a, InFlight> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let table = self.left.wait(table).unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        table
     }
 }
 
@@ -234,10 +252,7 @@ pub fn serve_session(
             // error written for this one still comes after that answer.
             let mut table = lock(&in_flight);
             while table.contains_key(&0) {
-                table = match session.left.wait(table) {
-                    Ok(table) => table,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                table = session.wait_for_a_leave(table);
             }
         }
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
@@ -298,6 +313,8 @@ pub fn serve_session(
                     return;
                 }
                 let left = table.len();
+                // Only an empty table and the singleplex request are waited for.
+                let wake = (left == 0 || id == 0) && session.waiting.load(Ordering::Relaxed) > 0;
                 let hold = writer.hold();
                 drop(table);
                 if verbose {
@@ -307,8 +324,7 @@ pub fn serve_session(
                     );
                 }
                 hold.write(&frame);
-                // Only an empty table and the singleplex request are waited for.
-                if left == 0 || id == 0 {
+                if wake {
                     session.left.notify_all();
                 }
             });
@@ -320,10 +336,7 @@ pub fn serve_session(
     // for without end.
     let mut table = lock(&in_flight);
     while !table.is_empty() {
-        table = match session.left.wait(table) {
-            Ok(table) => table,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        table = session.wait_for_a_leave(table);
     }
     drop(table);
     // The last answer may still be on its way out: its thread lets the table

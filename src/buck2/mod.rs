@@ -77,16 +77,17 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
     let tool = Arc::clone(&handler);
     let shared = Arc::new(calls::Shared {
         handler,
-        pool: Pool::new(settings.concurrency),
+        pool: Pool::unstarted(settings.concurrency),
         cwd: cwd.clone(),
         identity: crate::process::identity(),
         tracker: Arc::clone(&tracker),
         verbose: settings.verbose,
         calls: Default::default(),
     });
+    let worker = calls::Worker::new(Arc::clone(&shared));
     let built = ServerBuilder::new(Arc::clone(&env))
         .channel_args(service::unlimited_channel(Arc::clone(&env)).build_args())
-        .register_service(service::create_service(calls::Worker::new(shared)))
+        .register_service(service::create_service(worker))
         .build();
     let mut server = match built {
         Ok(server) => server,
@@ -106,6 +107,9 @@ pub fn serve(handler: Arc<dyn Handler>, socket: &Path, settings: &Settings) -> i
         return 2;
     }
     server.start();
+    // Buck2 waits for the socket to accept before it sends anything: the pool
+    // threads are made once it does.
+    shared.pool.start();
     let bound = socket::Bound::new(socket);
     crate::elog!(
         "persistent-worker: Buck2 worker listening on {} (concurrency {}, pid {}, cwd {})",
