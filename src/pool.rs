@@ -22,6 +22,25 @@ use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// How a client paces its requests: whether a pool thread that has just
+/// answered one should expect the next within a round trip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// The client sends its next request once it has this answer (Bazel
+    /// singleplex, Buck2 `Execute` and `Exec`): waiting awake for it pays.
+    Lockstep,
+    /// Requests arrive whatever the answers (multiplex, streams, anything
+    /// else): a long wait awake would only take a core from the thread that
+    /// reads and answers them.
+    Free,
+}
+
+/// A job in the pool's queue.
+struct Queued {
+    job: Job,
+    pace: Pace,
+}
+
 /// How long past its deadline a request's own handler may take to notice the
 /// timeout and answer (with its own message) before the pool answers for it.
 pub const TIMEOUT_GRACE: Duration = Duration::from_millis(250);
@@ -33,9 +52,9 @@ pub const CANCEL_GRACE: Duration = TIMEOUT_GRACE;
 /// A fixed set of threads fed by one unbounded channel: more requests than
 /// threads queue, they are never rejected.
 pub struct Pool {
-    sender: Option<Sender<Job>>,
+    sender: Option<Sender<Queued>>,
     /// The threads' end of the channel until [`Pool::start`] hands it to them.
-    unstarted: Mutex<Option<Receiver<Job>>>,
+    unstarted: Mutex<Option<Receiver<Queued>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     idle: Arc<Idle>,
     shared: Arc<Shared>,
@@ -63,7 +82,7 @@ impl Pool {
     /// critical path (Buck2 waits for the socket to accept) create its threads
     /// after it is reachable rather than before.
     pub fn unstarted(size: usize) -> Pool {
-        let (sender, receiver) = unbounded::<Job>();
+        let (sender, receiver) = unbounded::<Queued>();
         Pool {
             sender: Some(sender),
             unstarted: Mutex::new(Some(receiver)),
@@ -91,10 +110,10 @@ impl Pool {
                     // The first wait sleeps: a thread that has never run a job
                     // is starting up, and spinning then would only take a core
                     // from the rest of the start-up.
-                    let mut job = idle.sleep(&receiver);
-                    while let Some(run) = job {
-                        run();
-                        job = idle.next_job(&receiver);
+                    let mut next = idle.sleep(&receiver);
+                    while let Some(Queued { job, pace }) = next {
+                        job();
+                        next = idle.next_job(&receiver, pace);
                     }
                 })
                 .expect("spawning a pool thread")
@@ -125,6 +144,7 @@ impl Pool {
         &self,
         handler: Arc<dyn Handler>,
         request: Request,
+        pace: Pace,
         done: impl FnOnce(Response) + Send + 'static,
     ) -> Ticket {
         let ticket = Ticket(Arc::new(Submitted {
@@ -150,15 +170,20 @@ impl Pool {
             );
         }
         let job = ticket.clone();
-        self.spawn(move || job.run(handler.as_ref(), request));
+        self.queue(Box::new(move || job.run(handler.as_ref(), request)), pace);
         ticket
     }
+
     /// Queues an arbitrary job.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        self.queue(Box::new(job), Pace::Free);
+    }
+
+    fn queue(&self, job: Job, pace: Pace) {
         if let Some(sender) = &self.sender {
             // Sending fails only when every thread has exited, which cannot
             // happen while `self` holds the sender.
-            let _ = sender.send(Box::new(job));
+            let _ = sender.send(Queued { job, pace });
         }
     }
 
@@ -199,13 +224,18 @@ impl Drop for Pool {
 /// wake-up on the request's path, more than the work of a no-op request (on
 /// a virtual machine whose idle core has halted, 20 to 50 µs).
 ///
-/// How long is learnt from the last gap, the time from a thread finishing a
-/// job to a thread taking the next one: one and a half times that, to catch
-/// a client's steady rhythm (a Buck2 `Execute` round trip leaves the pool
+/// After a job whose client works in [`Pace::Lockstep`], how long is learnt
+/// from the last gap, the time from a thread finishing a job to a thread
+/// taking the next one: one and a half times that, to catch the client's
+/// rhythm (a Buck2 `Execute` round trip leaves the pool
 /// idle for 150 to 250 µs on a 2-core virtual machine, a Bazel one for 20 to
 /// 40 µs), within [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the
 /// pool's, not a thread's: the channel wakes a sleeping thread for each job,
 /// and when that thread wins the job, the awake one's own wait spans two.
+/// After any other job the wait is the minimum: where requests come whatever
+/// the answers, a thread that waits long only takes a core from the one that
+/// reads and answers them (`ExecuteStream` at 16 in flight lost 14% of its
+/// throughput to learnt waits of up to 500 µs).
 struct Idle {
     /// Threads waiting awake now.
     awake: AtomicUsize,
@@ -234,11 +264,12 @@ const STAY_AWAKE_MAX: Duration = Duration::from_micros(500);
 /// only take turns on the cores that the busy threads (and the client) need.
 const MAX_AWAKE: usize = 1;
 
-/// How long to stay awake after a gap of `last_gap`. A gap longer than the
-/// maximum (a client that paused) gives the minimum, so that an idle worker
-/// spends one short wait awake before it sleeps, not a long one.
-fn stay_awake(last_gap: Duration) -> Duration {
-    if last_gap > STAY_AWAKE_MAX {
+/// How long to stay awake after a job paced `pace`, the pool's last gap
+/// being `last_gap`. A gap longer than the maximum (a client that paused)
+/// gives the minimum, so that an idle worker spends one short wait awake
+/// before it sleeps, not a long one.
+fn stay_awake(pace: Pace, last_gap: Duration) -> Duration {
+    if pace == Pace::Free || last_gap > STAY_AWAKE_MAX {
         return STAY_AWAKE_MIN;
     }
     (last_gap * 3 / 2).clamp(STAY_AWAKE_MIN, STAY_AWAKE_MAX)
@@ -250,7 +281,7 @@ impl Idle {
     }
 
     /// Waits asleep; `None` once the queue is closed and empty.
-    fn sleep(&self, receiver: &Receiver<Job>) -> Option<Job> {
+    fn sleep(&self, receiver: &Receiver<Queued>) -> Option<Queued> {
         let job = receiver.recv().ok();
         if job.is_some() {
             self.took();
@@ -265,8 +296,8 @@ impl Idle {
         self.last_gap_us.store(gap, Ordering::Relaxed);
     }
 
-    /// The next job for a thread that has just finished one.
-    fn next_job(&self, receiver: &Receiver<Job>) -> Option<Job> {
+    /// The next job for a thread that has just finished one paced `pace`.
+    fn next_job(&self, receiver: &Receiver<Queued>, pace: Pace) -> Option<Queued> {
         let now = self.now_us();
         self.finished_us.store(now, Ordering::Relaxed);
         if self.awake.fetch_add(1, Ordering::AcqRel) >= MAX_AWAKE {
@@ -274,7 +305,8 @@ impl Idle {
             return self.sleep(receiver);
         }
         let last_gap = Duration::from_micros(self.last_gap_us.load(Ordering::Relaxed));
-        let awake_until = now.saturating_add(stay_awake(last_gap).as_micros() as u64);
+        let stay = stay_awake(pace, last_gap);
+        let awake_until = now.saturating_add(stay.as_micros() as u64);
         let job = loop {
             match receiver.try_recv() {
                 Ok(job) => {
@@ -596,19 +628,24 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_awake_follows_the_client_rhythm_within_bounds() {
+    fn the_wait_awake_follows_a_lockstep_client_rhythm_within_bounds() {
         let us = Duration::from_micros;
+        let lockstep = |gap| stay_awake(Pace::Lockstep, gap);
         // A steady client: the next request comes within the wait.
-        assert_eq!(stay_awake(us(100)), us(150));
-        assert_eq!(stay_awake(us(200)), us(300));
+        assert_eq!(lockstep(us(100)), us(150));
+        assert_eq!(lockstep(us(200)), us(300));
         // Quick clients still get the minimum; slow ones no more than the
         // maximum, which still covers the gap itself.
-        assert_eq!(stay_awake(us(10)), STAY_AWAKE_MIN);
-        assert_eq!(stay_awake(us(400)), STAY_AWAKE_MAX);
-        assert!(stay_awake(STAY_AWAKE_MAX) >= STAY_AWAKE_MAX);
+        assert_eq!(lockstep(us(10)), STAY_AWAKE_MIN);
+        assert_eq!(lockstep(us(400)), STAY_AWAKE_MAX);
+        assert!(lockstep(STAY_AWAKE_MAX) >= STAY_AWAKE_MAX);
         // A client that paused (or none yet): the short wait.
-        assert_eq!(stay_awake(STAY_AWAKE_MAX + us(1)), STAY_AWAKE_MIN);
-        assert_eq!(stay_awake(us(u64::MAX)), STAY_AWAKE_MIN);
+        assert_eq!(lockstep(STAY_AWAKE_MAX + us(1)), STAY_AWAKE_MIN);
+        assert_eq!(lockstep(us(u64::MAX)), STAY_AWAKE_MIN);
+        // Requests that come whatever the answers: always the short wait.
+        for gap in [10, 100, 200, 400, 10_000] {
+            assert_eq!(stay_awake(Pace::Free, us(gap)), STAY_AWAKE_MIN);
+        }
     }
 
     #[test]
@@ -648,7 +685,9 @@ mod tests {
         let req = request(&[]);
         req.cancel.set_timeout(Duration::from_millis(20));
         let (done_tx, done_rx) = unbounded::<Response>();
-        pool.submit(Arc::new(stubborn), req, move |r| done_tx.send(r).unwrap());
+        pool.submit(Arc::new(stubborn), req, Pace::Free, move |r| {
+            done_tx.send(r).unwrap()
+        });
         let first = done_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("answered while the handler still runs");
@@ -669,7 +708,9 @@ mod tests {
         let req = request(&[]);
         req.cancel.set_timeout(Duration::from_millis(20));
         let (done_tx, done_rx) = unbounded::<Response>();
-        pool.submit(Arc::new(polite), req, move |r| done_tx.send(r).unwrap());
+        pool.submit(Arc::new(polite), req, Pace::Free, move |r| {
+            done_tx.send(r).unwrap()
+        });
         let response = done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(response.timed_out);
         assert_eq!(response.output, "own message");

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::codec::WireFormat;
 use super::framing::FrameError;
 use super::sandbox;
-use crate::pool::{Pool, Ticket};
+use crate::pool::{Pace, Pool, Ticket};
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
 use crate::request::{lock, Handler, Request, Response, Stop};
@@ -297,7 +297,10 @@ pub fn serve_session(
             let identity = Arc::clone(&identity);
             // Submitted under the table's lock, so the answer, which needs
             // the lock, cannot come before the ticket is in the table.
-            let ticket = pool.submit(Arc::clone(&handler), request, move |response| {
+            // Singleplex clients send the next request once they have this
+            // answer; multiplex ones keep sending.
+            let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
+            let ticket = pool.submit(Arc::clone(&handler), request, pace, move |response| {
                 let (exit_code, cancelled) = (response.exit_code, response.cancelled);
                 // Encoded before any lock is taken: the reader and the other
                 // pool threads need the table's lock for every request.

@@ -28,7 +28,7 @@ use protobuf::MessageField;
 use super::command::to_request;
 use super::lifecycle::{Ticket, Tracker};
 use super::service::WorkerService;
-use crate::pool::Pool;
+use crate::pool::{Pace, Pool};
 use crate::proto::worker::{
     execute_event, ExecuteCommand, ExecuteCommandStream, ExecuteEvent, ExecuteResponse,
     ExecuteResponseStream,
@@ -291,6 +291,8 @@ struct Requests {
     label: String,
     /// Streams carry many requests: their log lines add the request id.
     log_ids: bool,
+    /// A one-answer call's client waits for the answer; a stream's does not.
+    pace: Pace,
 }
 
 impl Requests {
@@ -334,16 +336,19 @@ impl Requests {
         );
         let mailbox = Arc::clone(&self.mailbox);
         let (name, verbose) = (self.name(id), shared.verbose);
-        shared
-            .pool
-            .submit(Arc::clone(&shared.handler), request, move |response| {
+        shared.pool.submit(
+            Arc::clone(&shared.handler),
+            request,
+            self.pace,
+            move |response| {
                 // Logged here, not by the call: a request whose client left
                 // still ends, and this is when its pool slot frees up.
                 if verbose {
                     log_finished(&name, &response);
                 }
                 mailbox.deliver(key, response)
-            });
+            },
+        );
     }
 
     fn name(&self, id: u64) -> String {
@@ -443,6 +448,11 @@ impl<P: Protocol> Call<P> {
                     shared.calls.fetch_add(1, Ordering::Relaxed)
                 ),
                 log_ids: !P::ONE_RESPONSE,
+                pace: if P::ONE_RESPONSE {
+                    Pace::Lockstep
+                } else {
+                    Pace::Free
+                },
             },
             writing: false,
             sent: 0,
