@@ -227,15 +227,15 @@ impl Drop for Pool {
 /// After a job whose client works in [`Pace::Lockstep`], how long is learnt
 /// from the last gap, the time from a thread finishing a job to a thread
 /// taking the next one: one and a half times that, to catch the client's
-/// rhythm (a Buck2 `Execute` round trip leaves the pool
-/// idle for 150 to 250 µs on a 2-core virtual machine, a Bazel one for 20 to
-/// 40 µs), within [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the
-/// pool's, not a thread's: the channel wakes a sleeping thread for each job,
-/// and when that thread wins the job, the awake one's own wait spans two.
-/// After any other job the wait is the minimum: where requests come whatever
-/// the answers, a thread that waits long only takes a core from the one that
-/// reads and answers them (`ExecuteStream` at 16 in flight lost 14% of its
-/// throughput to learnt waits of up to 500 µs).
+/// rhythm (a Buck2 `Execute` round trip leaves the pool idle for 150 to
+/// 250 µs on a 2-core virtual machine, a Bazel one for 20 to 40 µs), within
+/// [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the pool's, not a
+/// thread's: the channel wakes a sleeping thread for each job, and when that
+/// thread wins the job, the awake one's own wait spans two. After any other
+/// job the wait is the minimum: where requests come whatever the answers, a
+/// thread that waits long only takes a core from the one that reads and
+/// answers them (`ExecuteStream` at 16 in flight lost 14% of its throughput
+/// to learnt waits of up to 500 µs).
 struct Idle {
     /// Threads waiting awake now.
     awake: AtomicUsize,
