@@ -147,12 +147,7 @@ impl Session {
             if left.is_zero() {
                 break;
             }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            table = match self.left.wait_timeout(table, left) {
-                Ok((table, _)) => table,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            table = self.wait_for_a_leave(table, Some(left));
         }
         let stuck: Vec<i32> = table.keys().copied().collect();
         for &id in &stuck {
@@ -170,10 +165,20 @@ impl Session {
     }
 
     /// Waits, with the table's lock, until a request the session waits for
-    /// leaves the table (see `left`).
-    fn wait_for_a_leave<'a>(&self, table: MutexGuard<'a, InFlight>) -> MutexGuard<'a, InFlight> {
+    /// leaves the table (see `left`), or at most `timeout`.
+    fn wait_for_a_leave<'a>(
+        &self,
+        table: MutexGuard<'a, InFlight>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, InFlight> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let table = self.left.wait(table).unwrap_or_else(|e| e.into_inner());
+        let table = match timeout {
+            None => self.left.wait(table).unwrap_or_else(|e| e.into_inner()),
+            Some(timeout) => match self.left.wait_timeout(table, timeout) {
+                Ok((table, _)) => table,
+                Err(poisoned) => poisoned.into_inner().0,
+            },
+        };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         table
     }
@@ -252,7 +257,7 @@ pub fn serve_session(
             // error written for this one still comes after that answer.
             let mut table = lock(&in_flight);
             while table.contains_key(&0) {
-                table = session.wait_for_a_leave(table);
+                table = session.wait_for_a_leave(table, None);
             }
         }
         let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
@@ -339,7 +344,7 @@ pub fn serve_session(
     // for without end.
     let mut table = lock(&in_flight);
     while !table.is_empty() {
-        table = session.wait_for_a_leave(table);
+        table = session.wait_for_a_leave(table, None);
     }
     drop(table);
     // The last answer may still be on its way out: its thread lets the table
