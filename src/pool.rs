@@ -10,12 +10,12 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::argfile;
 use crate::request::{lock, CancelToken, Handler, Request, Response, Stop};
@@ -184,6 +184,7 @@ impl Pool {
             // Sending fails only when every thread has exited, which cannot
             // happen while `self` holds the sender.
             let _ = sender.send(Queued { job, pace });
+            self.idle.ring();
         }
     }
 
@@ -191,6 +192,7 @@ impl Pool {
     /// queue is drained, and one stuck in a handler is simply left behind.
     pub fn detach(mut self) {
         self.sender.take();
+        self.idle.ring_all();
         self.threads_mut().clear();
     }
 
@@ -201,6 +203,7 @@ impl Pool {
 
     fn shutdown(&mut self) {
         self.sender.take();
+        self.idle.ring_all();
         for thread in std::mem::take(self.threads_mut()) {
             let _ = thread.join();
         }
@@ -236,6 +239,17 @@ impl Drop for Pool {
 /// thread that waits long only takes a core from the one that reads and
 /// answers them (`ExecuteStream` at 16 in flight lost 14% of its throughput
 /// to learnt waits of up to 500 µs).
+///
+/// Awake means yielding, so that the wait gives way to any runnable thread.
+/// On a machine whose cores are all busy (a build beside its workers) a
+/// yield hands the core to the busy process for the rest of its time slice,
+/// up to a scheduler tick (4 ms with `HZ=250`), and a job queued meanwhile
+/// waits for it. So a yield that comes back late ends the wait: the thread
+/// goes to sleep, where the job's send wakes it, and a woken thread is
+/// scheduled ahead of a busy one. For the same reason a sleeping thread
+/// sleeps on the pool's own condition variable rather than in the channel's
+/// blocking receive, which yields a few times before it sleeps and, while
+/// yielding, is not woken by a send.
 struct Idle {
     /// Threads waiting awake now.
     awake: AtomicUsize,
@@ -244,6 +258,12 @@ struct Idle {
     /// The last gap, in µs.
     last_gap_us: AtomicU64,
     epoch: Instant,
+    /// Threads asleep (or about to be) on `bell`; `bell_lock` is held from a
+    /// sleeper's last look at the queue to its wait, so a job's ring cannot
+    /// fall in between.
+    sleeping: AtomicUsize,
+    bell_lock: Mutex<()>,
+    bell: Condvar,
 }
 
 impl Default for Idle {
@@ -253,12 +273,19 @@ impl Default for Idle {
             finished_us: AtomicU64::new(0),
             last_gap_us: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
+            sleeping: AtomicUsize::new(0),
+            bell_lock: Mutex::new(()),
+            bell: Condvar::new(),
         }
     }
 }
 
 const STAY_AWAKE_MIN: Duration = Duration::from_micros(50);
 const STAY_AWAKE_MAX: Duration = Duration::from_micros(500);
+
+/// A yield that returns later than this lost the core to another process:
+/// the machine is busy, and waiting awake would only wait longer.
+const LOST_CORE: Duration = Duration::from_micros(50);
 
 /// One thread awake is enough to take the next request at once; more would
 /// only take turns on the cores that the busy threads (and the client) need.
@@ -282,11 +309,41 @@ impl Idle {
 
     /// Waits asleep; `None` once the queue is closed and empty.
     fn sleep(&self, receiver: &Receiver<Queued>) -> Option<Queued> {
-        let job = receiver.recv().ok();
+        let mut guard = lock(&self.bell_lock);
+        self.sleeping.fetch_add(1, Ordering::SeqCst);
+        let job = loop {
+            // Pairs with the fence in `ring`: either this look finds the job,
+            // or the ring after its send sees this thread counted.
+            fence(Ordering::SeqCst);
+            match receiver.try_recv() {
+                Ok(job) => break Some(job),
+                Err(TryRecvError::Disconnected) => break None,
+                Err(TryRecvError::Empty) => {
+                    guard = self.bell.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        };
+        self.sleeping.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
         if job.is_some() {
             self.took();
         }
         job
+    }
+
+    /// Wakes a sleeping thread, if any, for a job just queued.
+    fn ring(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
+            let _guard = lock(&self.bell_lock);
+            self.bell.notify_one();
+        }
+    }
+
+    /// Wakes every sleeping thread: the queue is closed.
+    fn ring_all(&self) {
+        let _guard = lock(&self.bell_lock);
+        self.bell.notify_all();
     }
 
     fn took(&self) {
@@ -313,13 +370,18 @@ impl Idle {
                     self.took();
                     break Some(job);
                 }
-                Err(crossbeam_channel::TryRecvError::Disconnected) => break None,
-                Err(crossbeam_channel::TryRecvError::Empty) if self.now_us() < awake_until => {
+                Err(TryRecvError::Disconnected) => break None,
+                Err(TryRecvError::Empty) if self.now_us() < awake_until => {
                     // Gives the core to a runnable thread, the client included,
                     // when there is one: the wait must not slow what it waits for.
+                    let before = Instant::now();
                     thread::yield_now();
+                    if before.elapsed() > LOST_CORE {
+                        self.awake.fetch_sub(1, Ordering::AcqRel);
+                        return self.sleep(receiver);
+                    }
                 }
-                Err(crossbeam_channel::TryRecvError::Empty) => {
+                Err(TryRecvError::Empty) => {
                     // No longer awake while asleep: another thread that
                     // finishes meanwhile may wait awake instead.
                     self.awake.fetch_sub(1, Ordering::AcqRel);

@@ -1,16 +1,24 @@
 //! The three RPCs, each one future per call on the completion-queue thread.
 //!
 //! A call future only moves messages: it turns each incoming command into a
-//! [`Request`] and submits it to the pool, and sends back whatever the pool
-//! finished. The pool thread's completion callback drops the response into
-//! the call's mailbox and wakes the call's task; grpcio's task waker may be
-//! used from any thread and then kicks the completion queue, so the answer
-//! leaves without polling or locks shared with gRPC's threads.
+//! [`Request`] and submits it to the pool. The call's sink sits in a mailbox
+//! it shares with the pool threads running its requests.
 //!
-//! The sink stays with its call future rather than going to the pool thread
-//! because it is also the one place grpcio reports that the client dropped
-//! the call: the call future polls it for that and trips the request's
-//! token.
+//! A call that carries one request (`Execute`, `Exec`) is answered by the
+//! pool thread that finishes it: that thread writes the response and the
+//! call's status straight onto the connection, and the completion-queue
+//! thread only learns afterwards that the call is over. Handing the response
+//! back to that thread first would put one more thread wake-up on every
+//! request's path, and on a machine whose cores are all busy each wake-up
+//! can wait a scheduler tick (4 ms) for a core.
+//!
+//! A stream's pool threads drop their responses into the mailbox and wake
+//! the call's task (grpcio's task waker may be used from any thread and
+//! kicks the completion queue); the call sends them in order.
+//!
+//! Between answers the call future polls the sink, because that is the one
+//! place grpcio reports that the client dropped the call: it then trips the
+//! requests' tokens.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -22,7 +30,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::{Sink, Stream};
-use grpcio::{DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode, WriteFlags};
+use grpcio::{
+    DuplexSink, DuplexSinkFailure, RequestStream, RpcContext, RpcStatus, RpcStatusCode, WriteFlags,
+};
 use protobuf::MessageField;
 
 use super::command::to_request;
@@ -101,8 +111,12 @@ trait Protocol: Send + Unpin + 'static {
     /// whether or not the client has half-closed.
     const ONE_RESPONSE: bool;
 
-    fn on_message(&mut self, message: Self::In, requests: &mut Requests) -> Result<(), RpcStatus>;
-    fn on_end_of_input(&mut self, requests: &Requests) -> Result<(), RpcStatus>;
+    fn on_message(
+        &mut self,
+        message: Self::In,
+        requests: &mut Requests<Self::Out>,
+    ) -> Result<(), RpcStatus>;
+    fn on_end_of_input(&mut self, requests: &Requests<Self::Out>) -> Result<(), RpcStatus>;
     fn wire(id: u64, response: ExecuteResponse) -> Self::Out;
 }
 
@@ -121,7 +135,7 @@ impl Protocol for Execute {
     fn on_message(
         &mut self,
         command: ExecuteCommand,
-        requests: &mut Requests,
+        requests: &mut Requests<ExecuteResponse>,
     ) -> Result<(), RpcStatus> {
         if self.started {
             return Err(invalid("Execute takes exactly one ExecuteCommand"));
@@ -131,7 +145,7 @@ impl Protocol for Execute {
         Ok(())
     }
 
-    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+    fn on_end_of_input(&mut self, _: &Requests<ExecuteResponse>) -> Result<(), RpcStatus> {
         if self.started {
             Ok(())
         } else {
@@ -159,7 +173,7 @@ impl Protocol for Exec {
     fn on_message(
         &mut self,
         event: ExecuteEvent,
-        requests: &mut Requests,
+        requests: &mut Requests<ExecuteResponse>,
     ) -> Result<(), RpcStatus> {
         match (event.data, self.started) {
             (Some(execute_event::Data::Command(command)), false) => {
@@ -183,7 +197,7 @@ impl Protocol for Exec {
         }
     }
 
-    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+    fn on_end_of_input(&mut self, _: &Requests<ExecuteResponse>) -> Result<(), RpcStatus> {
         if self.started {
             Ok(())
         } else {
@@ -211,14 +225,14 @@ impl Protocol for ExecuteStream {
     fn on_message(
         &mut self,
         message: ExecuteCommandStream,
-        requests: &mut Requests,
+        requests: &mut Requests<ExecuteResponseStream>,
     ) -> Result<(), RpcStatus> {
         let command = message.request.into_option().unwrap_or_default();
         requests.start(message.id, command);
         Ok(())
     }
 
-    fn on_end_of_input(&mut self, _: &Requests) -> Result<(), RpcStatus> {
+    fn on_end_of_input(&mut self, _: &Requests<ExecuteResponseStream>) -> Result<(), RpcStatus> {
         Ok(())
     }
 
@@ -234,23 +248,55 @@ fn invalid(message: &str) -> RpcStatus {
     RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, message.to_owned())
 }
 
-/// Where pool threads leave finished requests for their call.
-#[derive(Default)]
-struct Mailbox {
-    inner: Mutex<MailboxInner>,
+/// What a call shares with the pool threads running its requests.
+struct Mailbox<T> {
+    inner: Mutex<MailboxInner<T>>,
+    /// The call carries one request: the thread that finishes it sends the
+    /// answer and the call's status itself.
+    answered_by_pool: bool,
 }
 
-#[derive(Default)]
-struct MailboxInner {
-    done: Vec<(u64, Response)>,
+struct MailboxInner<T> {
+    /// The call's sink, until its status is on the way.
+    sink: Option<DuplexSink<T>>,
+    done: Vec<(u64, Finished)>,
+    /// The call's task, to wake when something is done.
     waker: Option<Waker>,
 }
 
-impl Mailbox {
-    fn deliver(&self, key: u64, response: Response) {
+/// A request back from the pool.
+enum Finished {
+    /// For the call to send.
+    Response(Response),
+    /// Sent with the call's status; gRPC finishes the call.
+    Sent(DuplexSinkFailure),
+    /// The call broke as the answer was being sent: nothing left to send.
+    Lost,
+}
+
+impl<T> Mailbox<T> {
+    fn new(sink: DuplexSink<T>, answered_by_pool: bool) -> Mailbox<T> {
+        Mailbox {
+            inner: Mutex::new(MailboxInner {
+                sink: Some(sink),
+                done: Vec::new(),
+                waker: None,
+            }),
+            answered_by_pool,
+        }
+    }
+
+    /// Called on the thread that finished request `key`; `wire` makes the
+    /// message for a response sent from here.
+    fn deliver(&self, key: u64, response: Response, wire: impl FnOnce(Response) -> T) {
         let waker = {
             let mut inner = lock(&self.inner);
-            inner.done.push((key, response));
+            let finished = if self.answered_by_pool && inner.sink.is_some() {
+                inner.send_last(wire(response))
+            } else {
+                Finished::Response(response)
+            };
+            inner.done.push((key, finished));
             inner.waker.take()
         };
         if let Some(waker) = waker {
@@ -258,7 +304,9 @@ impl Mailbox {
         }
     }
 
-    fn take(&self, cx: &Context<'_>) -> Vec<(u64, Response)> {
+    /// What the pool finished since the last call; registers the call's task
+    /// to be woken for more.
+    fn take(&self, cx: &Context<'_>) -> Vec<(u64, Finished)> {
         let mut inner = lock(&self.inner);
         if !inner
             .waker
@@ -271,6 +319,34 @@ impl Mailbox {
     }
 }
 
+impl<T> MailboxInner<T> {
+    /// Sends a one-request call's answer and, right behind it, the call's
+    /// status. The status does not wait for the message's write to complete:
+    /// only the completion-queue thread hears of that, and waiting would put
+    /// that thread back on the request's path. gRPC keeps the two in order.
+    ///
+    /// The sink is not polled for readiness first: only the call future may
+    /// poll it, since a second poll after the call is over panics in grpcio.
+    /// It is ready anyway: the call's one message is this one (a command
+    /// refused before it ran is answered by the call and never reaches the
+    /// pool), and a call already over fails the send, which is then left to
+    /// the call future to notice.
+    fn send_last(&mut self, message: T) -> Finished {
+        let Some(mut sink) = self.sink.take() else {
+            return Finished::Lost;
+        };
+        if Pin::new(&mut sink)
+            .start_send((message, WriteFlags::default()))
+            .is_err()
+        {
+            // The call broke; polling the sink tells the call so.
+            self.sink = Some(sink);
+            return Finished::Lost;
+        }
+        Finished::Sent(sink.fail(RpcStatus::ok()))
+    }
+}
+
 /// A request on the pool, as its call remembers it.
 struct Running {
     id: u64,
@@ -280,9 +356,11 @@ struct Running {
 }
 
 /// The requests of one call: started, running, and answered but not yet sent.
-struct Requests {
+struct Requests<T> {
     shared: Arc<Shared>,
-    mailbox: Arc<Mailbox>,
+    mailbox: Arc<Mailbox<T>>,
+    /// The call's message for a response to the command with an id.
+    wire: fn(u64, ExecuteResponse) -> T,
     running: HashMap<u64, Running>,
     next_key: u64,
     /// Responses waiting for the sink, with the id of their command.
@@ -295,7 +373,7 @@ struct Requests {
     pace: Pace,
 }
 
-impl Requests {
+impl<T: Send + 'static> Requests<T> {
     fn start(&mut self, id: u64, command: ExecuteCommand) {
         let shared = Arc::clone(&self.shared);
         let (mut request, timeout_s) = match to_request(command, &shared.cwd) {
@@ -335,20 +413,22 @@ impl Requests {
             },
         );
         let mailbox = Arc::clone(&self.mailbox);
-        let (name, verbose) = (self.name(id), shared.verbose);
-        shared.pool.submit(
-            Arc::clone(&shared.handler),
-            request,
-            self.pace,
-            move |response| {
-                // Logged here, not by the call: a request whose client left
-                // still ends, and this is when its pool slot frees up.
-                if verbose {
-                    log_finished(&name, &response);
+        let (name, wire) = (self.name(id), self.wire);
+        shared
+            .pool
+            .submit(Arc::clone(&shared.handler), request, self.pace, {
+                let shared = Arc::clone(&shared);
+                move |response| {
+                    // Logged here, not by the call: a request whose client left
+                    // still ends, and this is when its pool slot frees up.
+                    if shared.verbose {
+                        log_finished(&name, &response);
+                    }
+                    mailbox.deliver(key, response, |response| {
+                        wire(id, to_wire(&shared.identity, response, timeout_s))
+                    })
                 }
-                mailbox.deliver(key, response)
-            },
-        );
+            });
     }
 
     fn name(&self, id: u64) -> String {
@@ -365,16 +445,23 @@ impl Requests {
         }
     }
 
-    /// Moves what the pool finished into `ready`.
-    fn collect(&mut self, cx: &Context<'_>) {
-        for (key, response) in self.mailbox.take(cx) {
-            // A request whose call was abandoned is no longer listed.
-            let Some(running) = self.running.remove(&key) else {
-                continue;
-            };
-            let wire = to_wire(&self.shared.identity, response, running.timeout_s);
-            self.ready.push_back((running.id, wire));
+    /// Moves what the pool finished into `ready`; returns the status of an
+    /// answer the pool thread sent itself.
+    fn collect(&mut self, cx: &Context<'_>) -> Option<DuplexSinkFailure> {
+        let mut sent = None;
+        for (key, finished) in self.mailbox.take(cx) {
+            // A request whose call failed meanwhile is no longer listed; if
+            // its answer went out anyway, that answer ends the call.
+            match (finished, self.running.remove(&key)) {
+                (Finished::Sent(status), _) => sent = Some(status),
+                (Finished::Response(response), Some(running)) => {
+                    let wire = to_wire(&self.shared.identity, response, running.timeout_s);
+                    self.ready.push_back((running.id, wire));
+                }
+                (Finished::Response(_) | Finished::Lost, _) => {}
+            }
         }
+        sent
     }
 }
 
@@ -403,9 +490,11 @@ fn to_wire(identity: &str, response: Response, timeout_s: Option<u64>) -> Execut
 }
 
 /// How a call ends once it stops taking work.
-enum Ending {
-    Closing,
-    Failing(grpcio::DuplexSinkFailure),
+enum Ending<T> {
+    /// Everything answered: send the OK status.
+    Closing(DuplexSink<T>),
+    /// A status is on its way; gRPC finishes the call.
+    Status(DuplexSinkFailure),
 }
 
 /// One RPC in progress.
@@ -415,12 +504,11 @@ struct Call<P: Protocol> {
     /// request stream before the client's half-close cancels the call.
     input: RequestStream<P::In>,
     reading: bool,
-    sink: Option<DuplexSink<P::Out>>,
-    requests: Requests,
+    requests: Requests<P::Out>,
     /// A response handed to gRPC whose write has not completed yet.
     writing: bool,
     sent: usize,
-    ending: Option<Ending>,
+    ending: Option<Ending<P::Out>>,
     registration: Option<Ticket>,
 }
 
@@ -435,10 +523,10 @@ impl<P: Protocol> Call<P> {
             protocol,
             input,
             reading: true,
-            sink: Some(sink),
             requests: Requests {
                 shared: Arc::clone(shared),
-                mailbox: Arc::default(),
+                mailbox: Arc::new(Mailbox::new(sink, P::ONE_RESPONSE)),
+                wire: P::wire,
                 running: HashMap::new(),
                 next_key: 0,
                 ready: VecDeque::new(),
@@ -473,6 +561,8 @@ impl<P: Protocol> Call<P> {
         }
         self.requests.cancel_all();
         self.requests.running.clear();
+        // Out of reach of a pool thread that finishes later.
+        drop(lock(&self.requests.mailbox.inner).sink.take());
         Poll::Ready(())
     }
 
@@ -485,8 +575,10 @@ impl<P: Protocol> Call<P> {
         self.requests.cancel_all();
         self.requests.running.clear();
         self.reading = false;
-        if let Some(sink) = self.sink.take() {
-            self.ending = Some(Ending::Failing(sink.fail(status)));
+        // Without the sink, a pool thread has sent the answer and the status,
+        // which `collect` picks up next.
+        if let Some(sink) = lock(&self.requests.mailbox.inner).sink.take() {
+            self.ending = Some(Ending::Status(sink.fail(status)));
         }
     }
 
@@ -506,14 +598,11 @@ impl<P: Protocol> Call<P> {
         }
         loop {
             match &mut self.ending {
-                Some(Ending::Failing(failure)) => {
-                    let _ = futures_util::ready!(Pin::new(failure).poll(cx));
+                Some(Ending::Status(status)) => {
+                    let _ = futures_util::ready!(Pin::new(status).poll(cx));
                     return Poll::Ready(());
                 }
-                Some(Ending::Closing) => {
-                    let Some(sink) = self.sink.as_mut() else {
-                        return Poll::Ready(());
-                    };
+                Some(Ending::Closing(sink)) => {
                     if let Err(e) = futures_util::ready!(Pin::new(sink).poll_close(cx)) {
                         if self.requests.shared.verbose {
                             crate::elog!("worker: {} could not finish: {e}", self.requests.label);
@@ -540,15 +629,25 @@ impl<P: Protocol> Call<P> {
                 }
             }
 
-            self.requests.collect(cx);
+            if let Some(status) = self.requests.collect(cx) {
+                self.sent += 1;
+                self.ending = Some(Ending::Status(status));
+                continue;
+            }
 
-            let Some(sink) = self.sink.as_mut() else {
-                return Poll::Ready(());
+            let mailbox = Arc::clone(&self.requests.mailbox);
+            let mut inner = lock(&mailbox.inner);
+            // Gone only to a pool thread that answered since `collect`.
+            let Some(sink) = inner.sink.as_mut() else {
+                continue;
             };
             // Also the client-gone check: the sink's readiness fails once the
             // call is over without our status, i.e. cancelled by the peer.
             match Pin::new(&mut *sink).poll_ready(cx) {
-                Poll::Ready(Err(e)) => return self.abandon(&e.to_string()),
+                Poll::Ready(Err(e)) => {
+                    drop(inner);
+                    return self.abandon(&e.to_string());
+                }
                 Poll::Ready(Ok(())) => {
                     if self.writing {
                         self.writing = false;
@@ -560,6 +659,7 @@ impl<P: Protocol> Call<P> {
                         if let Err(e) =
                             Pin::new(&mut *sink).start_send((message, WriteFlags::default()))
                         {
+                            drop(inner);
                             return self.abandon(&e.to_string());
                         }
                         self.writing = true;
@@ -568,6 +668,7 @@ impl<P: Protocol> Call<P> {
                 }
                 Poll::Pending => {}
             }
+            drop(inner);
 
             if self.reading {
                 match Pin::new(&mut self.input).poll_next(cx) {
@@ -599,7 +700,10 @@ impl<P: Protocol> Call<P> {
             }
 
             if self.finished() {
-                self.ending = Some(Ending::Closing);
+                let Some(sink) = lock(&self.requests.mailbox.inner).sink.take() else {
+                    return Poll::Ready(());
+                };
+                self.ending = Some(Ending::Closing(sink));
                 continue;
             }
             if !progress {
