@@ -184,7 +184,7 @@ impl Pool {
             // Sending fails only when every thread has exited, which cannot
             // happen while `self` holds the sender.
             let _ = sender.send(Queued { job, pace });
-            self.idle.ring();
+            self.idle.ring(sender.len());
         }
     }
 
@@ -233,20 +233,26 @@ impl Drop for Pool {
 /// rhythm (a Buck2 `Execute` round trip leaves the pool idle for 150 to
 /// 250 µs on a 2-core virtual machine, a Bazel one for 20 to 40 µs), within
 /// [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the pool's, not a
-/// thread's: the channel wakes a sleeping thread for each job, and when that
-/// thread wins the job, the awake one's own wait spans two. After any other
+/// thread's: a job may go to a thread woken for it, and then the awake one's
+/// own wait spans two. After any other
 /// job the wait is the minimum: where requests come whatever the answers, a
 /// thread that waits long only takes a core from the one that reads and
 /// answers them (`ExecuteStream` at 16 in flight lost 14% of its throughput
 /// to learnt waits of up to 500 µs).
 ///
+/// A job queued while a thread waits awake wakes no sleeping thread: the
+/// awake one takes it (Bazel's singleplex no-op took twice as long when each
+/// job also woke the other thread for nothing), and one that takes a job
+/// with more queued behind it wakes a sleeper for those.
+///
 /// Awake means yielding, so that the wait gives way to any runnable thread.
 /// On a machine whose cores are all busy (a build beside its workers) a
 /// yield hands the core to the busy process for the rest of its time slice,
-/// up to a scheduler tick (4 ms with `HZ=250`), and a job queued meanwhile
-/// waits for it. So a yield that comes back late ends the wait: the thread
-/// goes to sleep, where the job's send wakes it, and a woken thread is
-/// scheduled ahead of a busy one. For the same reason a sleeping thread
+/// up to a scheduler tick (4 ms with `HZ=250`), and a job left to the
+/// yielding thread waits as long. So a yield that has lasted [`LOST_CORE_US`]
+/// no longer counts as awake: a job queued then wakes a sleeper, which the
+/// scheduler runs ahead of the busy process; and when the yield comes back,
+/// the thread goes to sleep too. For the same reason a sleeping thread
 /// sleeps on the pool's own condition variable rather than in the channel's
 /// blocking receive, which yields a few times before it sleeps and, while
 /// yielding, is not woken by a send.
@@ -262,6 +268,9 @@ struct Idle {
     /// sleeper's last look at the queue to its wait, so a job's ring cannot
     /// fall in between.
     sleeping: AtomicUsize,
+    /// When the awake thread's current yield began (µs since `epoch`, at
+    /// least 1), 0 when it is not yielding. One slot: one thread awake.
+    yielding_since_us: AtomicU64,
     bell_lock: Mutex<()>,
     bell: Condvar,
 }
@@ -274,6 +283,7 @@ impl Default for Idle {
             last_gap_us: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             sleeping: AtomicUsize::new(0),
+            yielding_since_us: AtomicU64::new(0),
             bell_lock: Mutex::new(()),
             bell: Condvar::new(),
         }
@@ -283,9 +293,28 @@ impl Default for Idle {
 const STAY_AWAKE_MIN: Duration = Duration::from_micros(50);
 const STAY_AWAKE_MAX: Duration = Duration::from_micros(500);
 
-/// A yield that returns later than this lost the core to another process:
-/// the machine is busy, and waiting awake would only wait longer.
-const LOST_CORE: Duration = Duration::from_micros(50);
+/// A yield that lasts longer than this lost the core to another process:
+/// the machine is busy, and waiting awake would only wait longer. (Giving way
+/// to the worker's own client or reader thread takes less.)
+const LOST_CORE_US: u64 = 50;
+
+/// What the pool's idle threads are doing, as a job is queued.
+#[derive(Debug, Clone, Copy)]
+struct Waits {
+    awake: usize,
+    /// How long the awake thread has been in its current yield, if it is in one.
+    yielding_for_us: Option<u64>,
+    sleeping: usize,
+}
+
+impl Waits {
+    /// Whether `queued` jobs need a sleeping thread woken.
+    fn need_a_sleeper(self, queued: usize) -> bool {
+        let lost_core = self.yielding_for_us.is_some_and(|us| us > LOST_CORE_US);
+        let awake = if lost_core { 0 } else { self.awake };
+        queued > awake && self.sleeping > 0
+    }
+}
 
 /// One thread awake is enough to take the next request at once; more would
 /// only take turns on the cores that the busy threads (and the client) need.
@@ -331,10 +360,17 @@ impl Idle {
         job
     }
 
-    /// Wakes a sleeping thread, if any, for a job just queued.
-    fn ring(&self) {
+    /// Wakes a sleeping thread for the jobs queued, if they are more than
+    /// the threads waiting awake can take.
+    fn ring(&self, queued: usize) {
         fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) > 0 {
+        let since = self.yielding_since_us.load(Ordering::SeqCst);
+        let waits = Waits {
+            awake: self.awake.load(Ordering::SeqCst),
+            yielding_for_us: (since != 0).then(|| self.now_us().saturating_sub(since)),
+            sleeping: self.sleeping.load(Ordering::SeqCst),
+        };
+        if waits.need_a_sleeper(queued) {
             let _guard = lock(&self.bell_lock);
             self.bell.notify_one();
         }
@@ -374,9 +410,11 @@ impl Idle {
                 Err(TryRecvError::Empty) if self.now_us() < awake_until => {
                     // Gives the core to a runnable thread, the client included,
                     // when there is one: the wait must not slow what it waits for.
-                    let before = Instant::now();
+                    let before = self.now_us().max(1);
+                    self.yielding_since_us.store(before, Ordering::SeqCst);
                     thread::yield_now();
-                    if before.elapsed() > LOST_CORE {
+                    self.yielding_since_us.store(0, Ordering::SeqCst);
+                    if self.now_us().saturating_sub(before) > LOST_CORE_US {
                         self.awake.fetch_sub(1, Ordering::AcqRel);
                         return self.sleep(receiver);
                     }
@@ -390,6 +428,11 @@ impl Idle {
             }
         };
         self.awake.fetch_sub(1, Ordering::AcqRel);
+        if job.is_some() {
+            // A job queued while this thread was counted awake may have
+            // skipped its ring on the strength of it: pass the ring on.
+            self.ring(receiver.len());
+        }
         job
     }
 }
@@ -707,6 +750,75 @@ mod tests {
         // Requests that come whatever the answers: always the short wait.
         for gap in [10, 100, 200, 400, 10_000] {
             assert_eq!(stay_awake(Pace::Free, us(gap)), STAY_AWAKE_MIN);
+        }
+    }
+
+    #[test]
+    fn a_queued_job_wakes_a_sleeper_unless_an_awake_thread_on_its_core_can_take_it() {
+        let waits = |awake, yielding_for_us, sleeping| Waits {
+            awake,
+            yielding_for_us,
+            sleeping,
+        };
+        // Nobody awake: the job needs a sleeper.
+        assert!(waits(0, None, 1).need_a_sleeper(1));
+        // The awake thread takes it, whether spinning or in a short yield.
+        assert!(!waits(1, None, 1).need_a_sleeper(1));
+        assert!(!waits(1, Some(LOST_CORE_US), 1).need_a_sleeper(1));
+        // More jobs than awake threads: the rest need a sleeper.
+        assert!(waits(1, None, 1).need_a_sleeper(2));
+        // An awake thread whose yield lost its core cannot take it soon.
+        assert!(waits(1, Some(LOST_CORE_US + 1), 1).need_a_sleeper(1));
+        // No sleeper to wake.
+        assert!(!waits(0, None, 0).need_a_sleeper(3));
+    }
+
+    /// Waits, within a bound, until `n` pool threads sleep.
+    fn until_asleep(pool: &Pool, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.idle.sleeping.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{n} pool thread(s) never slept");
+            thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_job_queued_while_every_thread_sleeps_wakes_one() {
+        let pool = Pool::new(2);
+        let (ran, has_run) = bounded(4);
+        for _ in 0..3 {
+            // Also after a job, once the wait awake is over.
+            until_asleep(&pool, 2);
+            let ran = ran.clone();
+            pool.spawn(move || {
+                let _ = ran.send(());
+            });
+            has_run
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a sleeping thread is woken for the job");
+        }
+    }
+
+    #[test]
+    fn a_pool_whose_threads_sleep_joins_and_drops() {
+        let (done, finished) = bounded(2);
+        let d = done.clone();
+        thread::spawn(move || {
+            let pool = Pool::new(3);
+            until_asleep(&pool, 3);
+            pool.join();
+            let _ = d.send(());
+        });
+        thread::spawn(move || {
+            let pool = Pool::new(3);
+            until_asleep(&pool, 3);
+            drop(pool);
+            let _ = done.send(());
+        });
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(10))
+                .expect("closing the queue wakes every sleeping thread");
         }
     }
 

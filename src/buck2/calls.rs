@@ -559,10 +559,11 @@ impl<P: Protocol> Call<P> {
                 self.requests.running.len()
             );
         }
+        // Out of reach of the pool threads before their requests are
+        // cancelled and answer.
+        drop(lock(&self.requests.mailbox.inner).sink.take());
         self.requests.cancel_all();
         self.requests.running.clear();
-        // Out of reach of a pool thread that finishes later.
-        drop(lock(&self.requests.mailbox.inner).sink.take());
         Poll::Ready(())
     }
 
@@ -572,12 +573,15 @@ impl<P: Protocol> Call<P> {
             self.requests.label,
             status.message()
         );
+        // The sink first: a request cancelled below would otherwise answer
+        // the call, with an OK status, before this failure could. Without
+        // the sink, a pool thread has already sent the answer and the status,
+        // which `collect` picks up next.
+        let sink = lock(&self.requests.mailbox.inner).sink.take();
         self.requests.cancel_all();
         self.requests.running.clear();
         self.reading = false;
-        // Without the sink, a pool thread has sent the answer and the status,
-        // which `collect` picks up next.
-        if let Some(sink) = lock(&self.requests.mailbox.inner).sink.take() {
+        if let Some(sink) = sink {
             self.ending = Some(Ending::Status(sink.fail(status)));
         }
     }
@@ -724,6 +728,133 @@ impl<P: Protocol> Future for Call<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buck2::lifecycle::block_on_until;
+    use crate::buck2::service;
+    use grpcio::{
+        CallOption, EnvBuilder, Method, MethodType, ServerBuilder, ServerCredentials,
+        ServiceBuilder,
+    };
+    use std::time::Instant;
+
+    /// A gRPC server that hands each `Execute` call's stream and sink to the
+    /// test, with no call future: nothing polls them but the test.
+    struct BareServer {
+        _server: grpcio::Server,
+        calls: crossbeam_channel::Receiver<(
+            RequestStream<ExecuteCommand>,
+            DuplexSink<ExecuteResponse>,
+        )>,
+        connection: service::Connection,
+        dir: PathBuf,
+    }
+
+    impl Drop for BareServer {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn bare_server() -> BareServer {
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let (tx, calls) = crossbeam_channel::unbounded();
+        let duplex = Method {
+            ty: MethodType::Duplex,
+            ..service::EXECUTE
+        };
+        let grpc_service = ServiceBuilder::new()
+            .add_duplex_streaming_handler(&duplex, move |_ctx, stream, sink| {
+                let _ = tx.send((stream, sink));
+            })
+            .build();
+        static SERVERS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pw-calls-test-{}-{}",
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let socket = dir.join("s");
+        let _ = std::fs::remove_file(&socket);
+        let mut server = ServerBuilder::new(Arc::clone(&env))
+            .register_service(grpc_service)
+            .build()
+            .expect("a gRPC server");
+        server
+            .add_listening_port(
+                format!("unix:{}", socket.display()),
+                ServerCredentials::insecure(),
+            )
+            .expect("listening");
+        server.start();
+        let connection = service::connect(env, &socket).expect("a channel");
+        BareServer {
+            _server: server,
+            calls,
+            connection,
+            dir,
+        }
+    }
+
+    #[test]
+    fn a_one_request_call_is_answered_with_its_status_by_the_delivering_thread() {
+        let server = bare_server();
+        let client = server.connection.client();
+        let mut answer = client
+            .unary_call_async(
+                &service::EXECUTE,
+                &ExecuteCommand::new(),
+                CallOption::default(),
+            )
+            .expect("the call starts");
+        let (stream, sink) = server
+            .calls
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the call reaches the server");
+        let mailbox = Mailbox::new(sink, true);
+        mailbox.deliver(7, Response::ok("fine\n"), |r| to_wire("h 1 /x", r, None));
+
+        // Nothing polls the call: only a send from `deliver` reaches the client.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let response = block_on_until(&mut answer, deadline)
+            .expect("the answer and the status arrive")
+            .expect("the call succeeds");
+        assert_eq!(response.stderr, "Buck2 persistent worker h 1 /x\nfine\n");
+        let mut inner = lock(&mailbox.inner);
+        assert!(inner.sink.is_none(), "the sink went with the answer");
+        match inner.done.pop() {
+            Some((7, Finished::Sent(mut status))) => {
+                let finished = block_on_until(&mut status, deadline);
+                assert!(matches!(finished, Some(Ok(()))), "gRPC finishes the call");
+            }
+            _ => panic!("the call is told its answer went"),
+        }
+        drop(stream);
+    }
+
+    #[test]
+    fn a_stream_leaves_its_answers_to_the_call() {
+        let server = bare_server();
+        let client = server.connection.client();
+        let _answer = client
+            .unary_call_async(
+                &service::EXECUTE,
+                &ExecuteCommand::new(),
+                CallOption::default(),
+            )
+            .expect("the call starts");
+        let (_stream, sink) = server
+            .calls
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the call reaches the server");
+        let mailbox = Mailbox::new(sink, false);
+        mailbox.deliver(3, Response::ok("later\n"), |r| to_wire("h 1 /x", r, None));
+        let inner = lock(&mailbox.inner);
+        assert!(inner.sink.is_some());
+        assert!(matches!(
+            inner.done.as_slice(),
+            [(3, Finished::Response(r))] if r.output == "later\n"
+        ));
+    }
 
     #[test]
     fn wire_response_starts_with_identity_and_reports_timeouts() {
