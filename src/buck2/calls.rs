@@ -795,11 +795,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_one_request_call_is_answered_with_its_status_by_the_delivering_thread() {
-        let server = bare_server();
-        let client = server.connection.client();
-        let mut answer = client
+    type Answer = grpcio::ClientUnaryReceiver<ExecuteResponse>;
+
+    /// A unary `Execute` from a client: its answer to come, and the server's
+    /// end of it.
+    fn one_call(
+        server: &BareServer,
+    ) -> (
+        Answer,
+        RequestStream<ExecuteCommand>,
+        DuplexSink<ExecuteResponse>,
+    ) {
+        let answer = server
+            .connection
+            .client()
             .unary_call_async(
                 &service::EXECUTE,
                 &ExecuteCommand::new(),
@@ -810,6 +819,13 @@ mod tests {
             .calls
             .recv_timeout(Duration::from_secs(10))
             .expect("the call reaches the server");
+        (answer, stream, sink)
+    }
+
+    #[test]
+    fn a_one_request_call_is_answered_with_its_status_by_the_delivering_thread() {
+        let server = bare_server();
+        let (mut answer, stream, sink) = one_call(&server);
         let mailbox = Mailbox::new(sink, true);
         mailbox.deliver(7, Response::ok("fine\n"), |r| to_wire("h 1 /x", r, None));
 
@@ -834,18 +850,7 @@ mod tests {
     #[test]
     fn a_stream_leaves_its_answers_to_the_call() {
         let server = bare_server();
-        let client = server.connection.client();
-        let _answer = client
-            .unary_call_async(
-                &service::EXECUTE,
-                &ExecuteCommand::new(),
-                CallOption::default(),
-            )
-            .expect("the call starts");
-        let (_stream, sink) = server
-            .calls
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the call reaches the server");
+        let (_answer, _stream, sink) = one_call(&server);
         let mailbox = Mailbox::new(sink, false);
         mailbox.deliver(3, Response::ok("later\n"), |r| to_wire("h 1 /x", r, None));
         let inner = lock(&mailbox.inner);
