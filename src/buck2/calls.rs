@@ -264,6 +264,14 @@ struct MailboxInner<T> {
     waker: Option<Waker>,
 }
 
+/// What became of an answer a pool thread sent itself.
+enum SentByPool {
+    /// Sent, and the call's status behind it.
+    Sent(DuplexSinkFailure),
+    /// gRPC refused it.
+    Lost,
+}
+
 /// A request back from the pool.
 enum Finished {
     /// For the call to send.
@@ -445,20 +453,21 @@ impl<T: Send + 'static> Requests<T> {
         }
     }
 
-    /// Moves what the pool finished into `ready`; returns the status of an
-    /// answer the pool thread sent itself.
-    fn collect(&mut self, cx: &Context<'_>) -> Option<DuplexSinkFailure> {
+    /// Moves what the pool finished into `ready`; returns what became of an
+    /// answer a pool thread sent itself.
+    fn collect(&mut self, cx: &Context<'_>) -> Option<SentByPool> {
         let mut sent = None;
         for (key, finished) in self.mailbox.take(cx) {
             // A request whose call failed meanwhile is no longer listed; if
             // its answer went out anyway, that answer ends the call.
             match (finished, self.running.remove(&key)) {
-                (Finished::Sent(status), _) => sent = Some(status),
+                (Finished::Sent(status), _) => sent = Some(SentByPool::Sent(status)),
+                (Finished::Lost, Some(_)) => sent = Some(SentByPool::Lost),
                 (Finished::Response(response), Some(running)) => {
                     let wire = to_wire(&self.shared.identity, response, running.timeout_s);
                     self.ready.push_back((running.id, wire));
                 }
-                (Finished::Response(_) | Finished::Lost, _) => {}
+                (Finished::Response(_) | Finished::Lost, None) => {}
             }
         }
         sent
@@ -633,10 +642,23 @@ impl<P: Protocol> Call<P> {
                 }
             }
 
-            if let Some(status) = self.requests.collect(cx) {
-                self.sent += 1;
-                self.ending = Some(Ending::Status(status));
-                continue;
+            match self.requests.collect(cx) {
+                Some(SentByPool::Sent(status)) => {
+                    self.sent += 1;
+                    self.ending = Some(Ending::Status(status));
+                    continue;
+                }
+                // The call may be over already (the status then goes nowhere)
+                // or not: either way it ends, and a client still there learns
+                // why rather than waiting.
+                Some(SentByPool::Lost) => {
+                    self.fail(RpcStatus::with_message(
+                        RpcStatusCode::INTERNAL,
+                        "the worker could not send the answer".to_owned(),
+                    ));
+                    continue;
+                }
+                None => {}
             }
 
             let mailbox = Arc::clone(&self.requests.mailbox);
