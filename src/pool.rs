@@ -235,10 +235,9 @@ impl Drop for Pool {
 /// [`STAY_AWAKE_MIN`] and [`STAY_AWAKE_MAX`]. The gap is the pool's, not a
 /// thread's: a job may go to a thread woken for it, and then the awake one's
 /// own wait spans two. After any other job the wait is the minimum: where
-/// requests come whatever the answers, a
-/// thread that waits long only takes a core from the one that reads and
-/// answers them (`ExecuteStream` at 16 in flight lost 14% of its throughput
-/// to learnt waits of up to 500 µs).
+/// requests come whatever the answers, a thread that waits long only takes a
+/// core from the one that reads and answers them (`ExecuteStream` at 16 in
+/// flight lost 14% of its throughput to learnt waits of up to 500 µs).
 ///
 /// A job queued while a thread waits awake wakes no sleeping thread: the
 /// awake one takes it (Bazel's singleplex no-op took twice as long when each
@@ -373,9 +372,7 @@ impl Idle {
                 // Only while another thread sleeps, so that a job queued
                 // while this one has lost its core still has someone to wake.
                 Err(TryRecvError::Empty) if self.sleeping.load(Ordering::SeqCst) > 0 => {
-                    let before = self.now_us();
-                    thread::yield_now();
-                    if self.now_us().saturating_sub(before) > BACKOFF_LOST_US {
+                    if self.yield_core_us() > BACKOFF_LOST_US {
                         return None;
                     }
                 }
@@ -385,14 +382,28 @@ impl Idle {
         None
     }
 
-    /// Waits asleep; `None` once the queue is closed and empty.
+    /// Gives the core to any runnable thread; returns how long that took, in
+    /// µs.
+    fn yield_core_us(&self) -> u64 {
+        let before = self.now_us();
+        thread::yield_now();
+        self.now_us().saturating_sub(before)
+    }
+
+    /// Waits asleep, after a look-out; `None` once the queue is closed and
+    /// empty.
     fn sleep(&self, receiver: &Receiver<Queued>) -> Option<Queued> {
-        if let Some(job) = self.look_out(receiver) {
-            if job.is_some() {
-                self.took();
-            }
-            return job;
+        let job = match self.look_out(receiver) {
+            Some(job) => job,
+            None => self.wait_for_bell(receiver),
+        };
+        if job.is_some() {
+            self.took();
         }
+        job
+    }
+
+    fn wait_for_bell(&self, receiver: &Receiver<Queued>) -> Option<Queued> {
         let mut guard = lock(&self.bell_lock);
         self.sleeping.fetch_add(1, Ordering::SeqCst);
         let job = loop {
@@ -409,9 +420,6 @@ impl Idle {
         };
         self.sleeping.fetch_sub(1, Ordering::SeqCst);
         drop(guard);
-        if job.is_some() {
-            self.took();
-        }
         job
     }
 
@@ -468,11 +476,11 @@ impl Idle {
                 Err(TryRecvError::Empty) if self.now_us() < awake_until => {
                     // Gives the core to a runnable thread, the client included,
                     // when there is one: the wait must not slow what it waits for.
-                    let before = self.now_us().max(1);
-                    self.yielding_since_us.store(before, Ordering::SeqCst);
-                    thread::yield_now();
+                    self.yielding_since_us
+                        .store(self.now_us().max(1), Ordering::SeqCst);
+                    let yielded_us = self.yield_core_us();
                     self.yielding_since_us.store(0, Ordering::SeqCst);
-                    if self.now_us().saturating_sub(before) > LOST_CORE_US {
+                    if yielded_us > LOST_CORE_US {
                         self.awake.fetch_sub(1, Ordering::AcqRel);
                         return self.sleep(receiver);
                     }

@@ -312,6 +312,11 @@ impl<T> Mailbox<T> {
         }
     }
 
+    /// Takes the sink from the pool threads' reach.
+    fn take_sink(&self) -> Option<DuplexSink<T>> {
+        lock(&self.inner).sink.take()
+    }
+
     /// What the pool finished since the last call; registers the call's task
     /// to be woken for more.
     fn take(&self, cx: &Context<'_>) -> Vec<(u64, Finished)> {
@@ -570,7 +575,7 @@ impl<P: Protocol> Call<P> {
         }
         // Out of reach of the pool threads before their requests are
         // cancelled and answer.
-        drop(lock(&self.requests.mailbox.inner).sink.take());
+        drop(self.requests.mailbox.take_sink());
         self.requests.cancel_all();
         self.requests.running.clear();
         Poll::Ready(())
@@ -586,7 +591,7 @@ impl<P: Protocol> Call<P> {
         // the call, with an OK status, before this failure could. Without
         // the sink, a pool thread has already sent the answer and the status,
         // which `collect` picks up next.
-        let sink = lock(&self.requests.mailbox.inner).sink.take();
+        let sink = self.requests.mailbox.take_sink();
         self.requests.cancel_all();
         self.requests.running.clear();
         self.reading = false;
@@ -661,8 +666,7 @@ impl<P: Protocol> Call<P> {
                 None => {}
             }
 
-            let mailbox = Arc::clone(&self.requests.mailbox);
-            let mut inner = lock(&mailbox.inner);
+            let mut inner = lock(&self.requests.mailbox.inner);
             // Gone only to a pool thread that answered since `collect`.
             let Some(sink) = inner.sink.as_mut() else {
                 continue;
@@ -726,7 +730,7 @@ impl<P: Protocol> Call<P> {
             }
 
             if self.finished() {
-                let Some(sink) = lock(&self.requests.mailbox.inner).sink.take() else {
+                let Some(sink) = self.requests.mailbox.take_sink() else {
                     return Poll::Ready(());
                 };
                 self.ending = Some(Ending::Closing(sink));
