@@ -147,6 +147,22 @@ impl Pool {
         pace: Pace,
         done: impl FnOnce(Response) + Send + 'static,
     ) -> Ticket {
+        let (ticket, pending) = self.prepare(handler, request, pace, done);
+        self.queue_pending(pending);
+        ticket
+    }
+
+    /// [`submit`](Self::submit) in two steps: the ticket now, the job queued
+    /// by [`queue_pending`](Self::queue_pending). A front end that must file
+    /// the ticket under a lock before the answer can come need not hold the
+    /// lock while the job is queued (which may wake a thread).
+    pub fn prepare(
+        &self,
+        handler: Arc<dyn Handler>,
+        request: Request,
+        pace: Pace,
+        done: impl FnOnce(Response) + Send + 'static,
+    ) -> (Ticket, Pending) {
         let ticket = Ticket(Arc::new(Submitted {
             token: request.cancel.clone(),
             id: request.id.clone(),
@@ -170,8 +186,13 @@ impl Pool {
             );
         }
         let job = ticket.clone();
-        self.queue(Box::new(move || job.run(handler.as_ref(), request)), pace);
-        ticket
+        let job: Job = Box::new(move || job.run(handler.as_ref(), request));
+        (ticket, Pending { job, pace })
+    }
+
+    /// Queues a job made by [`prepare`](Self::prepare).
+    pub fn queue_pending(&self, pending: Pending) {
+        self.queue(pending.job, pending.pace);
     }
 
     /// Queues an arbitrary job.
@@ -518,6 +539,14 @@ enum JobState {
         thread: Thread,
     },
     Done,
+}
+
+/// A prepared request's job, not yet queued: until it is, its answer cannot
+/// come.
+#[must_use = "a prepared request that is never queued is never answered"]
+pub struct Pending {
+    job: Job,
+    pace: Pace,
 }
 
 /// A submitted request: lets its front end cancel it with a bounded wait for

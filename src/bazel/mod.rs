@@ -6,7 +6,8 @@
 //! - [`json_mapping`]: the two messages in protobuf's JSON mapping, by hand.
 //! - [`codec`]: `WorkRequest` / `WorkResponse` in either encoding.
 //! - [`sandbox`]: validating a request's `sandbox_dir`.
-//! - [`worker`]: the read loop, in-flight table, cancellation and writer.
+//! - [`worker`]: the read loop, in-flight table and cancellation.
+//! - [`writer`]: the response stream, shared by the pool threads.
 
 pub mod codec;
 pub mod framing;
@@ -14,5 +15,6 @@ pub mod json;
 pub mod json_mapping;
 pub mod sandbox;
 pub mod worker;
+pub mod writer;
 
 pub use codec::WireFormat;

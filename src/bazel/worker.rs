@@ -1,6 +1,7 @@
 //! The Bazel worker loop. Requests enter in [`serve`] on the reading thread,
-//! run on the pool, and their responses leave through [`ResponseWriter`] from
-//! the pool thread that finished them.
+//! run on the pool, and their responses leave through the
+//! [`ResponseWriter`](super::writer::ResponseWriter) from the pool thread that
+//! finished them (or one finishing beside it).
 //!
 //! Request id 0 is singleplex: an id-0 request waits for the previous one to
 //! finish, so they run one at a time and in order. Non-zero ids are
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::codec::WireFormat;
 use super::framing::FrameError;
 use super::sandbox;
+use super::writer::ResponseWriter;
 use crate::pool::{Pace, Pool, Ticket};
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
@@ -35,68 +37,6 @@ pub struct Config {
     /// Log every request as if it had `verbosity > 0` (`--verbose`): old
     /// Bazel versions never set verbosity.
     pub verbose: bool,
-}
-
-/// Writes whole responses, one at a time. Once the stream has failed it is
-/// closed, so nothing more (in particular no partial frame) reaches stdout.
-pub struct ResponseWriter {
-    format: WireFormat,
-    out: Mutex<Option<Box<dyn Write + Send>>>,
-}
-
-impl ResponseWriter {
-    pub fn new(format: WireFormat, out: Box<dyn Write + Send>) -> ResponseWriter {
-        ResponseWriter {
-            format,
-            out: Mutex::new(Some(out)),
-        }
-    }
-
-    /// Encodes first, then writes and flushes under the lock, so concurrent
-    /// responses never interleave.
-    pub fn send(&self, response: &WorkResponse) {
-        let frame = self.encode(response);
-        self.hold().write(&frame);
-    }
-
-    /// A response as it goes on the wire; encoding needs no lock.
-    pub fn encode(&self, response: &WorkResponse) -> Frame {
-        Frame {
-            id: response.request_id,
-            bytes: self.format.encode_response(response),
-        }
-    }
-
-    /// Takes the stream: nothing else is written until the hold's write.
-    pub fn hold(&self) -> WriterHold<'_> {
-        WriterHold(lock(&self.out))
-    }
-
-    /// Stops all further output; responses finishing later are dropped.
-    pub fn close(&self) {
-        lock(&self.out).take();
-    }
-}
-
-/// An encoded response.
-pub struct Frame {
-    id: i32,
-    bytes: Vec<u8>,
-}
-
-/// The output stream, held for one response.
-pub struct WriterHold<'a>(std::sync::MutexGuard<'a, Option<Box<dyn Write + Send>>>);
-
-impl WriterHold<'_> {
-    pub fn write(mut self, frame: &Frame) {
-        if let Some(stream) = self.0.as_mut() {
-            if let Err(e) = stream.write_all(&frame.bytes).and_then(|()| stream.flush()) {
-                // The client is gone; it will not read anything else either.
-                crate::elog!("worker: cannot write response {}: {e}", frame.id);
-                self.0.take();
-            }
-        }
-    }
 }
 
 /// The requests a worker has accepted and the stream their answers leave by:
@@ -253,7 +193,7 @@ pub fn serve_session(
             // anything about this one, even an error. Waiting here rather
             // than after dispatch keeps id 0 from blocking the other ids,
             // which Bazel 2.1 gives to sibling multiplex proxies. Its
-            // thread takes the stream before it leaves the table, so an
+            // thread queues its answer before it leaves the table, so an
             // error written for this one still comes after that answer.
             let mut table = lock(&in_flight);
             while table.contains_key(&0) {
@@ -300,43 +240,49 @@ pub fn serve_session(
             let writer = Arc::clone(&writer);
             let session = Arc::clone(session);
             let identity = Arc::clone(&identity);
-            // Submitted under the table's lock, so the answer, which needs
-            // the lock, cannot come before the ticket is in the table.
+            // Filed before it is queued, so the answer, which needs the
+            // table, cannot come before the ticket is in it; queued after the
+            // lock is let go, which may wake a pool thread, so that the
+            // threads answering other requests do not wait for that.
             // Singleplex clients send the next request once they have this
             // answer; multiplex ones keep sending.
             let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
-            let ticket = pool.submit(Arc::clone(&handler), request, pace, move |response| {
-                let (exit_code, cancelled) = (response.exit_code, response.cancelled);
-                // Encoded before any lock is taken: the reader and the other
-                // pool threads need the table's lock for every request.
-                let frame = writer.encode(&to_wire(&identity, id, response));
-                // Leave the table before answering: once the client has the
-                // response it may reuse the id. The stream is taken before the
-                // table is let go, so whoever finds the table empty and then
-                // takes the stream (a stop closing it, the end of input
-                // joining the pool) comes after this answer; and a request
-                // already answered for by a stop is not answered twice.
-                let mut table = lock(&session.in_flight);
-                if table.remove(&id).is_none() {
-                    return;
-                }
-                let left = table.len();
-                // Only an empty table and the singleplex request are waited for.
-                let wake = (left == 0 || id == 0) && session.waiting.load(Ordering::Relaxed) > 0;
-                let hold = writer.hold();
-                drop(table);
-                if verbose {
-                    crate::elog!(
+            let (ticket, pending) =
+                pool.prepare(Arc::clone(&handler), request, pace, move |response| {
+                    let (exit_code, cancelled) = (response.exit_code, response.cancelled);
+                    // Encoded before any lock is taken: the reader and the other
+                    // pool threads need the table's lock for every request.
+                    let frame = writer.encode(&to_wire(&identity, id, response));
+                    // Leave the table before answering: once the client has the
+                    // response it may reuse the id. The answer is queued before
+                    // the table is let go, so whoever finds the table empty and
+                    // then writes or closes (a stop, the end of input joining the
+                    // pool) comes after this answer; and a request
+                    // already answered for by a stop is not answered twice.
+                    let mut table = lock(&session.in_flight);
+                    if table.remove(&id).is_none() {
+                        return;
+                    }
+                    let left = table.len();
+                    // Only an empty table and the singleplex request are waited for.
+                    let wake =
+                        (left == 0 || id == 0) && session.waiting.load(Ordering::Relaxed) > 0;
+                    let turn = writer.queue(frame);
+                    drop(table);
+                    if verbose {
+                        crate::elog!(
                         "worker: request {id} finished, exit code {exit_code}{}, {left} in flight",
                         if cancelled { " (cancelled)" } else { "" }
                     );
-                }
-                hold.write(&frame);
-                if wake {
-                    session.left.notify_all();
-                }
-            });
+                    }
+                    turn.write();
+                    if wake {
+                        session.left.notify_all();
+                    }
+                });
             table.insert(id, ticket);
+            drop(table);
+            pool.queue_pending(pending);
         }
     }
     // Every request answered first; only then is it known whether a thread
@@ -348,8 +294,8 @@ pub fn serve_session(
     }
     drop(table);
     // The last answer may still be on its way out: its thread lets the table
-    // go before it writes. Taking the stream waits for that write, and
-    // nothing is written after the end of input.
+    // go before it writes. Closing waits for that write, and nothing is
+    // written after the end of input.
     writer.close();
     let stuck = pool.stuck();
     if stuck > 0 {
