@@ -40,6 +40,10 @@ struct Line {
     /// A thread has the turn to write and will write everything in line.
     writing: bool,
     closed: bool,
+    /// Threads in [`close`](ResponseWriter::close) waiting on `idle`: a
+    /// notify is a system call even when nobody waits, and every turn ends
+    /// with one otherwise.
+    closing: usize,
 }
 
 /// An encoded response.
@@ -66,6 +70,7 @@ impl ResponseWriter {
                 spare: Vec::new(),
                 writing: false,
                 closed: false,
+                closing: 0,
             }),
             idle: Condvar::new(),
         }
@@ -104,7 +109,9 @@ impl ResponseWriter {
     pub fn close(&self) {
         let mut line = lock(&self.line);
         while line.writing {
+            line.closing += 1;
             line = self.idle.wait(line).unwrap_or_else(|e| e.into_inner());
+            line.closing -= 1;
         }
         line.closed = true;
         line.stream = None;
@@ -142,8 +149,11 @@ impl ResponseWriter {
             }
             batch.clear();
         }
+        let closing = line.closing > 0;
         drop(line);
-        self.idle.notify_all();
+        if closing {
+            self.idle.notify_all();
+        }
     }
 }
 
