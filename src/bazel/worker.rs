@@ -256,9 +256,9 @@ pub fn serve_session(
                     // Leave the table before answering: once the client has the
                     // response it may reuse the id. The answer is queued before
                     // the table is let go, so whoever finds the table empty and
-                    // then writes or closes (a stop, the end of input joining the
-                    // pool) comes after this answer; and a request
-                    // already answered for by a stop is not answered twice.
+                    // then writes or closes (a stop, the end of input joining
+                    // the pool) comes after this answer; and a request already
+                    // answered for by a stop is not answered twice.
                     let mut table = lock(&session.in_flight);
                     if table.remove(&id).is_none() {
                         return;

@@ -93,14 +93,10 @@ impl ResponseWriter {
     /// this response.
     pub fn queue(&self, frame: Frame) -> Turn<'_> {
         let mut line = lock(&self.line);
-        if line.closed {
-            return Turn {
-                writer: self,
-                mine: false,
-            };
-        }
-        line.frames.push(frame);
-        let mine = !mem::replace(&mut line.writing, true);
+        let mine = !line.closed && {
+            line.frames.push(frame);
+            !mem::replace(&mut line.writing, true)
+        };
         Turn { writer: self, mine }
     }
 
@@ -123,7 +119,7 @@ impl ResponseWriter {
         let mut line = lock(&self.line);
         let mut batch = mem::take(&mut line.spare);
         loop {
-            let stream = match line.stream.take() {
+            let mut stream = match line.stream.take() {
                 Some(stream) if !line.frames.is_empty() => stream,
                 stream => {
                     line.stream = stream;
@@ -135,7 +131,6 @@ impl ResponseWriter {
             };
             mem::swap(&mut batch, &mut line.frames);
             drop(line);
-            let mut stream = stream;
             let written = write_frames(&mut *stream, &batch);
             line = lock(&self.line);
             match written {
