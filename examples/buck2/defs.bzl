@@ -10,23 +10,28 @@
 load("@prelude//utils:argfile.bzl", "at_argfile")
 
 def _worker_impl(ctx: AnalysisContext) -> list[Provider]:
-    # The worker's options travel in a file that this rule writes. Buck2 keys
-    # a remote persistent worker (persistentWorkerKey) by the digests of the
-    # artifacts in WorkerInfo.exe only, not by its plain arguments: with the
-    # options as plain flags, workers of every flag set would share one key
-    # and an executor would keep serving a build with workers started with
-    # old flags. As an artifact, each flag set gives a new key. It cannot be
-    # an @file or --flagfile: executors split those off as the request.
-    options = ctx.actions.write(
-        "worker.options",
-        [
-            "--work-ms",
-            str(ctx.attrs.work_ms),
-            "--concurrency",
-            str(ctx.attrs.concurrency),
-        ],
-    )
-    command = cmd_args(ctx.attrs.binary, "--worker-options", options)
+    # Every engine must see a new worker when the flags change, and engines
+    # key workers differently:
+    #   * NativeLink keys by the literal command line up to the first `@`
+    #     argument (file contents play no part), and starts the worker in its
+    #     shared root directory, where a path relative to an action's
+    #     directory does not resolve: so the flags are plain, literal
+    #     arguments.
+    #   * Buck2's persistentWorkerKey (BuildBuddy keys by it) is a digest of
+    #     the artifacts in WorkerInfo.exe, hidden ones included, and ignores
+    #     plain arguments: so the same flags are also written to a file that
+    #     rides along as a hidden artifact. It is never read; it only makes
+    #     the key change with the flags.
+    # Neither may look like an argument file (`@...`, `--flagfile=...`):
+    # executors split those off as the request.
+    flags = [
+        "--work-ms",
+        str(ctx.attrs.work_ms),
+        "--concurrency",
+        str(ctx.attrs.concurrency),
+    ]
+    key = ctx.actions.write("worker.key", flags)
+    command = cmd_args(ctx.attrs.binary, flags, hidden = key)
 
     # Scenario 5: the local worker is the bridge in front of a Bazel-protocol
     # worker, which it starts as `<bridge command> --persistent_worker`. The
