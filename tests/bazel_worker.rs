@@ -328,18 +328,20 @@ fn sandbox_dir_applies_to_outputs_argfiles_and_paths_inside_argfiles() {
     );
     assert!(!dir.path().join("out").exists());
 
-    // Each case names the rule that refuses it. `__sandbox/..` and the
-    // absolute path of the sandbox exist and lie inside the worker's
-    // directory, so only their own rule stands between them and success.
-    let absolute = sandbox.canonicalize().unwrap().display().to_string();
+    // Each case names the rule that refuses it. `__sandbox/..` exists and
+    // lies inside the worker's directory, so only its own rule stands
+    // between it and success.
     let outside = tempfile::tempdir().unwrap();
+    let outside_abs = outside.path().canonicalize().unwrap().display().to_string();
+    let absolute_dotdot = format!("{}/..", sandbox.canonicalize().unwrap().display());
     std::os::unix::fs::symlink(outside.path(), dir.path().join("away")).unwrap();
     for (bad, rule) in [
         ("../escape", "must not contain '..'"),
         ("__sandbox/..", "must not contain '..'"),
         ("__sandbox/1/root/../..", "must not contain '..'"),
-        (absolute.as_str(), "must be relative"),
-        ("/tmp", "must be relative"),
+        (absolute_dotdot.as_str(), "must not contain '..'"),
+        (outside_abs.as_str(), "outside the worker's directory"),
+        ("/", "outside the worker's directory"),
         ("away", "outside the worker's directory"),
         ("__sandbox/9/root", "No such file"),
     ] {
@@ -356,6 +358,29 @@ fn sandbox_dir_applies_to_outputs_argfiles_and_paths_inside_argfiles() {
     }
     assert!(!outside.path().join("x").exists());
     assert!(!dir.path().join("x").exists());
+}
+
+/// NativeLink's shape (protocol facts §3a): the worker runs in the engine's
+/// root directory and each request names its action's directory by its
+/// absolute path; `@args` and the paths inside it are relative to that.
+#[test]
+fn an_absolute_sandbox_dir_inside_the_worker_directory_is_served() {
+    let root = tempfile::tempdir().unwrap();
+    let action = root.path().canonicalize().unwrap().join("op-1/work");
+    fs::create_dir_all(action.join("out")).unwrap();
+    fs::write(action.join("args"), "--flagfile=more\n").unwrap();
+    fs::write(action.join("more"), "out/native.txt\n").unwrap();
+    let mut worker = Worker::start(&[], root.path());
+    let mut req = request(0, &["@args"]);
+    req.sandbox_dir = action.display().to_string();
+    worker.send(&req);
+    let r = worker.recv();
+    assert_eq!(r.exit_code, 0, "{}", r.output);
+    assert_eq!(
+        fs::read_to_string(action.join("out/native.txt")).unwrap(),
+        "native.txt\n"
+    );
+    assert!(!root.path().join("out").exists());
 }
 
 #[test]

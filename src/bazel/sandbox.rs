@@ -1,12 +1,15 @@
-//! Validates a request's `sandbox_dir`: Bazel's multiplex sandboxing puts each
-//! request's files under a relative directory of the worker's cwd, and a
-//! worker must not be talked into reading or writing outside that cwd.
+//! Validates a request's `sandbox_dir`: the directory under the worker's cwd
+//! where one request's files live. Bazel's multiplex sandboxing sends a
+//! relative prefix (`__sandbox/<n>/<execroot>`); NativeLink starts the worker
+//! in its root action directory and sends each action's own directory as an
+//! absolute path below it (protocol facts §3a). A worker must serve both and
+//! must not be talked into reading or writing outside its cwd.
 //!
-//! What is guaranteed: when a request arrives, its `sandbox_dir` is refused
-//! unless it is relative, has no `..`, exists, and, with every symlink
-//! resolved, lies inside the worker's directory. The request then works in
-//! that resolved, symlink-free path. Every request is checked afresh; nothing
-//! is cached.
+//! What is guaranteed: when a request arrives, its `sandbox_dir`, relative to
+//! the cwd or absolute, is refused unless it has no `..`, exists, and, with
+//! every symlink resolved, lies inside the worker's directory. The request
+//! then works in that resolved, symlink-free path. Every request is checked
+//! afresh; nothing is cached.
 //!
 //! What is not: the check and the tool's later file operations are separate
 //! system calls. Someone who can write in the worker's directory can replace
@@ -22,31 +25,28 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::quote::quoted;
 
-/// The directory a request's relative paths resolve against.
+/// The directory a request's relative paths resolve against: `cwd` itself
+/// when `sandbox_dir` is empty, else `sandbox_dir` (relative to `cwd`, or
+/// absolute) with symlinks resolved, provided it lies inside `cwd`.
 pub fn resolve(cwd: &Path, sandbox_dir: &str) -> Result<PathBuf, String> {
     if sandbox_dir.is_empty() {
         return Ok(cwd.to_path_buf());
     }
-    let relative = Path::new(sandbox_dir);
+    let path = Path::new(sandbox_dir);
     let sandbox_dir = quoted(sandbox_dir);
-    if relative.is_absolute() {
-        return Err(format!(
-            "sandbox_dir '{sandbox_dir}' must be relative to the worker's directory"
-        ));
-    }
-    if relative
-        .components()
-        .any(|c| matches!(c, Component::ParentDir))
-    {
+    // Refused even where it would resolve inside: a `..` in a path the
+    // client built means the client is confused about where files are.
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(format!("sandbox_dir '{sandbox_dir}' must not contain '..'"));
     }
     let root = cwd
         .canonicalize()
         .map_err(|e| format!("worker directory {}: {e}", cwd.display()))?;
-    // Canonicalizing resolves symlinks, so a link inside the cwd that points
-    // elsewhere is caught here.
+    // `join` keeps an absolute path as it is. Canonicalizing resolves
+    // symlinks, so a link that points elsewhere is caught here, and so is an
+    // absolute path that names the cwd through a symlink of its own.
     let dir = cwd
-        .join(relative)
+        .join(path)
         .canonicalize()
         .map_err(|e| format!("sandbox_dir '{sandbox_dir}': {e}"))?;
     if !dir.starts_with(&root) {
@@ -102,13 +102,65 @@ mod tests {
     }
 
     #[test]
-    fn rejects_absolute_paths_even_inside_the_root() {
+    fn accepts_absolute_dirs_inside_the_root() {
         let (root, _outside) = layout();
-        let inside = root.path().join("sub").canonicalize().unwrap();
-        for bad in [inside.to_str().unwrap(), "/"] {
+        let canonical = root.path().canonicalize().unwrap();
+        let inside = canonical.join("sub/inner");
+        assert_eq!(
+            resolve(root.path(), inside.to_str().unwrap()).unwrap(),
+            inside
+        );
+        // The root itself is inside.
+        assert_eq!(
+            resolve(root.path(), canonical.to_str().unwrap()).unwrap(),
+            canonical
+        );
+        // Named through a symlink that lives outside the root but points in:
+        // what counts is where it resolves.
+        let alias = tempfile::tempdir().unwrap();
+        let link = alias.path().join("to-root");
+        std::os::unix::fs::symlink(&canonical, &link).unwrap();
+        let via_link = link.join("sub");
+        assert_eq!(
+            resolve(root.path(), via_link.to_str().unwrap()).unwrap(),
+            canonical.join("sub")
+        );
+    }
+
+    #[test]
+    fn rejects_absolute_dirs_outside_the_root_naming_the_path() {
+        let (root, outside) = layout();
+        let out = outside.path().canonicalize().unwrap();
+        for bad in [out.to_str().unwrap(), "/"] {
             let e = refused(root.path(), bad);
-            assert!(e.contains("must be relative"), "{bad}: {e}");
+            assert!(
+                e.contains(&format!("sandbox_dir '{bad}'"))
+                    && e.contains("outside the worker's directory"),
+                "{bad}: {e}"
+            );
         }
+        // A sibling whose name starts with the root's is still outside.
+        let sibling = PathBuf::from(format!(
+            "{}-x",
+            root.path().canonicalize().unwrap().display()
+        ));
+        std::fs::create_dir(&sibling).unwrap();
+        let e = refused(root.path(), sibling.to_str().unwrap());
+        std::fs::remove_dir(&sibling).unwrap();
+        assert!(e.contains("outside the worker's directory"), "{e}");
+    }
+
+    #[test]
+    fn absolute_dirs_keep_the_other_rules() {
+        let (root, outside) = layout();
+        let canonical = root.path().canonicalize().unwrap();
+        let dotdot = format!("{}/sub/../sub/inner", canonical.display());
+        assert!(refused(root.path(), &dotdot).contains("must not contain '..'"));
+        let missing = format!("{}/sub/missing", canonical.display());
+        assert!(refused(root.path(), &missing).contains("No such file"));
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        let link = format!("{}/link", canonical.display());
+        assert!(refused(root.path(), &link).contains("outside the worker's directory"));
     }
 
     #[test]
@@ -162,7 +214,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
-        for bad in ["/tmp", "../x", "sub/../../x", "link", "missing"] {
+        for bad in ["/tmp", "../x", "sub/../../x", "link", "missing", "/"] {
             assert!(resolve(d.path(), bad).is_err(), "{bad} was accepted");
         }
     }

@@ -1,9 +1,40 @@
-# Execution platforms for the four scenarios of the example.
+# Execution platforms for the scenarios of the example.
 #
-# A platform decides where actions run (this machine or BuildBuddy) and
-# whether an action that carries a worker goes through it:
+# A platform decides where actions run (this machine, BuildBuddy or a
+# NativeLink engine) and whether an action that carries a worker goes
+# through it:
 #   use_persistent_workers                        local Buck2 workers (gRPC)
 #   use_bazel_protocol_remote_persistent_workers  remote workers (Bazel protocol)
+
+def _remote_properties(ctx: AnalysisContext):
+    """The REAPI platform properties of every remote action, per engine."""
+    if ctx.attrs.engine == "nativelink":
+        properties = {"OSFamily": "Linux"}
+        if ctx.attrs.persistent_workers:
+            # NativeLink serves an action through a persistent worker only
+            # when it carries both (its scheduler must list both, and
+            # Buck2's persistentWorkerKey, in supported_platform_properties:
+            # see nativelink/README.md). It keys the worker by the command
+            # line before the first @ argument, not by persistentWorkerKey.
+            properties["supports-workers"] = "1"
+            properties["requires-worker-protocol"] = "proto"
+        return properties
+    return {
+        "OSFamily": "Linux",
+        # The image that holds `persistent-worker` on PATH. Registry
+        # credentials for a private image are not set here: they would
+        # become part of every action digest and land in the cache.
+        # The remote buckconfigs send them as
+        # x-buildbuddy-platform.container-registry-{username,password}
+        # headers from BUILDBUDDY_CONTAINER_USER/PASSWORD (see .envrc).
+        "container-image": ctx.attrs.container_image,
+        # Makes the workspace writable for non-root users; actions
+        # run as the image's user (uid 65532, see ci/image.sh).
+        "nonroot-workspace": True,
+        # Keep the runner, and with it the worker process, between
+        # actions: remote persistent workers need this.
+        "recycle-runner": True,
+    }
 
 def _execution_platform_impl(ctx: AnalysisContext) -> list[Provider]:
     constraints = {}
@@ -24,22 +55,7 @@ def _execution_platform_impl(ctx: AnalysisContext) -> list[Provider]:
             # Remote workers get one request at a time: four actions at
             # once mean four workers; `concurrency` matters only locally.
             use_bazel_protocol_remote_persistent_workers = ctx.attrs.persistent_workers,
-            remote_execution_properties = {
-                "OSFamily": "Linux",
-                # The image that holds `persistent-worker` on PATH. Registry
-                # credentials for a private image are not set here: they would
-                # become part of every action digest and land in the cache.
-                # The remote buckconfigs send them as
-                # x-buildbuddy-platform.container-registry-{username,password}
-                # headers from BUILDBUDDY_CONTAINER_USER/PASSWORD (see .envrc).
-                "container-image": ctx.attrs.container_image,
-                # Makes the workspace writable for non-root users; actions
-                # run as the image's user (uid 65532, see ci/image.sh).
-                "nonroot-workspace": True,
-                # Keep the runner, and with it the worker process, between
-                # actions: remote persistent workers need this.
-                "recycle-runner": True,
-            },
+            remote_execution_properties = _remote_properties(ctx),
             remote_execution_use_case = "buck2-default",
             remote_output_paths = "output_paths",
         )
@@ -66,6 +82,8 @@ execution_platform_rule = rule(
     attrs = {
         "container_image": attrs.string(default = ""),
         "cpu_configuration": attrs.dep(providers = [ConfigurationInfo]),
+        # Which remote engine's properties remote actions carry.
+        "engine": attrs.string(default = "buildbuddy"),
         "os_configuration": attrs.dep(providers = [ConfigurationInfo]),
         "persistent_workers": attrs.bool(default = False),
         "remote": attrs.bool(default = False),
@@ -81,7 +99,7 @@ def _host_cpu() -> str:
 def _host_os() -> str:
     return "prelude//os:macos" if host_info().os.is_macos else "prelude//os:linux"
 
-def execution_platform(name, remote, persistent_workers, **kwargs):
+def execution_platform(name, remote, persistent_workers, engine = "buildbuddy", **kwargs):
     """Declares one execution platform; reads the image from buckconfig."""
     if remote:
         # Remote actions run on Linux whatever the host is.
@@ -103,5 +121,6 @@ def execution_platform(name, remote, persistent_workers, **kwargs):
         remote = remote,
         persistent_workers = persistent_workers,
         container_image = image,
+        engine = engine,
         **kwargs
     )

@@ -80,6 +80,8 @@ pub struct Config<'a> {
     /// Bazel itself leaves default values out.
     pub all_fields: bool,
     pub echo_stderr: bool,
+    /// Send the worker's stderr to /dev/null, as NativeLink does.
+    pub discard_stderr: bool,
 }
 
 /// A running worker process with its protocol streams.
@@ -105,23 +107,26 @@ impl StdioWorker {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(if config.discard_stderr {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            });
         if let Some(cwd) = config.cwd {
             command.current_dir(cwd);
         }
         let spawned = Instant::now();
         let mut process = child::spawn(command, config.argv)?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (
-            process.stdin.take(),
-            process.stdout.take(),
-            process.stderr.take(),
-        ) else {
+        let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
             child::kill(&mut process);
             return Err(Failure::Worker(
                 "the worker's pipes were not set up".to_owned(),
             ));
         };
-        let stderr = Tail::capture(stderr, config.echo_stderr);
+        let stderr = match process.stderr.take() {
+            Some(stderr) => Tail::capture(stderr, config.echo_stderr),
+            None => Tail::capture(std::io::empty(), false),
+        };
         let (tx, events) = unbounded();
         let format = config.format;
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -268,9 +273,15 @@ impl StdioWorker {
 
     /// Closes stdin, checks that nothing more arrives on stdout and that the
     /// worker exits; returns a note on how it exited.
-    pub fn finish(mut self) -> Result<String, Failure> {
+    pub fn finish(self) -> Result<String, Failure> {
+        self.finish_within(EXIT_GRACE)
+    }
+
+    /// [`finish`](Self::finish), killing the worker if it has not exited
+    /// `grace` after its stdin closed.
+    pub fn finish_within(mut self, grace: Duration) -> Result<String, Failure> {
         self.stdin.take();
-        let deadline = Instant::now() + EXIT_GRACE;
+        let deadline = Instant::now() + grace;
         match self.next_event(deadline) {
             Some(Event::Eof) => {}
             Some(Event::Response(extra, _)) => {
@@ -284,8 +295,8 @@ impl StdioWorker {
             None => {
                 child::kill(&mut self.child);
                 return Ok(format!(
-                    "the worker did not exit within {} s of its stdin closing; killed it",
-                    EXIT_GRACE.as_secs()
+                    "the worker did not exit within {:.1} s of its stdin closing; killed it",
+                    grace.as_secs_f64()
                 ));
             }
         }
@@ -533,6 +544,7 @@ pub fn run(options: &Options) -> Result<Outcome, Failure> {
         format: format_of(options),
         all_fields: false,
         echo_stderr: options.worker_stderr,
+        discard_stderr: false,
     })?;
     converse(options, worker_label(&argv, &worker), &mut worker, &plan)
         .and_then(|summary| finish(worker, summary, plan.requests.len()))
@@ -559,28 +571,9 @@ pub fn converse(
     }
     let mut out = std::io::stdout().lock();
     let answers = drive(worker, plan, &mut |p| {
-        if quiet {
-            return;
+        if !quiet {
+            show(&mut out, p);
         }
-        let _ = match p {
-            Progress::Sent(r) => writeln!(out, "-> request {}: {:?}", r.request_id, r.arguments),
-            Progress::CancelSent(id) => writeln!(out, "-> cancel {id}"),
-            Progress::Answered(a) => {
-                let r = &a.response;
-                let status = if r.was_cancelled {
-                    "was_cancelled".to_owned()
-                } else {
-                    format!("exit_code {}", r.exit_code)
-                };
-                writeln!(
-                    out,
-                    "<- response {}: {status} after {:.1} ms\n{}",
-                    r.request_id,
-                    a.latency.as_secs_f64() * 1000.0,
-                    indent(&r.output)
-                )
-            }
-        };
     })?;
     let _ = out.flush();
     Ok(Summary {
@@ -591,6 +584,40 @@ pub fn converse(
         cancelled: answers.iter().filter(|a| a.response.was_cancelled).count(),
         cancels_sent: answers.iter().filter(|a| a.cancel_sent).count(),
     })
+}
+
+/// Prints one step of a conversation: a request, a cancel or an answer.
+pub fn show(out: &mut impl Write, p: Progress) {
+    let _ = match p {
+        Progress::Sent(r) => {
+            let sandbox = if r.sandbox_dir.is_empty() {
+                String::new()
+            } else {
+                format!(" in sandbox_dir {}", r.sandbox_dir)
+            };
+            writeln!(
+                out,
+                "-> request {}: {:?}{sandbox}",
+                r.request_id, r.arguments
+            )
+        }
+        Progress::CancelSent(id) => writeln!(out, "-> cancel {id}"),
+        Progress::Answered(a) => {
+            let r = &a.response;
+            let status = if r.was_cancelled {
+                "was_cancelled".to_owned()
+            } else {
+                format!("exit_code {}", r.exit_code)
+            };
+            writeln!(
+                out,
+                "<- response {}: {status} after {:.1} ms\n{}",
+                r.request_id,
+                a.latency.as_secs_f64() * 1000.0,
+                indent(&r.output)
+            )
+        }
+    };
 }
 
 pub struct Summary {

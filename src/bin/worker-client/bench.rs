@@ -146,6 +146,7 @@ fn stdio_bazel(options: &Options, requests: usize) -> Result<Measurement, Failur
         format: bazel::format_of(options),
         all_fields: false,
         echo_stderr: options.worker_stderr,
+        discard_stderr: false,
     })?;
     let Warm {
         mut worker,
@@ -183,6 +184,7 @@ fn stdio_bazel_start(options: &Options) -> Result<Duration, Failure> {
         format: bazel::format_of(options),
         all_fields: false,
         echo_stderr: options.worker_stderr,
+        discard_stderr: false,
     })?;
     let warm = warm_up(worker, &plan)?;
     warm.worker.finish()?;

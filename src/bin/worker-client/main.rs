@@ -14,6 +14,7 @@ mod bench;
 mod buck2;
 mod child;
 mod digest;
+mod engine;
 mod remote;
 mod requests;
 
@@ -27,7 +28,8 @@ use persistent_worker::cli::{number, os_text, text};
 
 const USAGE: &str = "\
 usage: worker-client bazel  [OPTIONS] [--json] [--multiplex N] [--cancel-after MS] -- WORKER...
-       worker-client remote [OPTIONS] [--json] [--input PATH]... -- COMMAND...
+       worker-client remote [OPTIONS] [--engine E] [--json] [--input PATH]...
+                     [--action 'COMMAND...' [--tool-input PATH]...]... [-- COMMAND...]
        worker-client buck2  [OPTIONS] [--stream|--exec] [--concurrency N] -- WORKER...
 
 Drives a persistent worker as Bazel (stdin/stdout, started with
@@ -52,6 +54,24 @@ bazel / remote:
                         after it was sent
   --input PATH          remote: an input file, sent with its path and a
                         serialized REAPI Digest (SHA-256) as digest
+                        (buildbuddy only: the others send no inputs)
+
+remote:
+  --engine E            buildbuddy (default), nativelink or buildbarn: start,
+                        feed, key, retire and stop workers as that engine does
+  --action 'COMMAND'    an action's command line (whitespace-separated); give
+                        several to see which share a worker; the command after
+                        -- is one more. --repeat sends the list K times
+  --tool-input PATH     an artifact of the last action's WorkerInfo.exe (for
+                        the command after --: given before any --action);
+                        Buck2 derives persistentWorkerKey from these
+  --root DIR            the engine's own directory (nativelink: the root the
+                        worker starts in; buildbarn: the workers' directories);
+                        default: a temporary directory, removed at the end
+  The action's files are --cwd; an engine that gives an action or a worker a
+  directory of its own gets a copy, and the files the request created or
+  changed are copied back. Each action prints the key its engine files the
+  worker under.
   --verbosity N         WorkRequest.verbosity (default 0)
 
 buck2:
@@ -165,6 +185,11 @@ pub struct Options {
     pub cancel_after: Option<Duration>,
     pub inputs: Vec<PathBuf>,
     pub verbosity: i32,
+    /// remote: the engine whose shape to drive the worker in.
+    pub engine: engine::Engine,
+    /// remote: the actions, the command after `--` last.
+    pub actions: Vec<remote::Action>,
+    pub root: Option<PathBuf>,
     pub rpc: Rpc,
     pub concurrency: usize,
     pub env: Vec<(String, String)>,
@@ -243,6 +268,9 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         cancel_after: None,
         inputs: Vec::new(),
         verbosity: 0,
+        engine: engine::Engine::BuildBuddy,
+        actions: Vec::new(),
+        root: None,
         rpc: Rpc::Execute,
         concurrency: 1,
         env: Vec::new(),
@@ -254,6 +282,8 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         bench: None,
     };
     let mut building: Option<Vec<String>> = None;
+    // Tool inputs named before any --action belong to the command after --.
+    let mut trailing_tool_inputs = Vec::new();
     let mut bench = false;
     let mut bench_requests = 1000;
     let mut json_out = None;
@@ -303,6 +333,33 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
                 only(&[Mode::Remote], "--input")?;
                 o.inputs
                     .push(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
+            }
+            Long("engine") => {
+                only(&[Mode::Remote], "--engine")?;
+                o.engine = engine::Engine::parse(&text(&mut parser)?)?;
+            }
+            Long("action") => {
+                only(&[Mode::Remote], "--action")?;
+                let command = requests::split(&text(&mut parser)?);
+                if command.is_empty() {
+                    return Err("--action needs a command line".to_owned());
+                }
+                o.actions.push(remote::Action {
+                    command,
+                    tool_inputs: Vec::new(),
+                });
+            }
+            Long("tool-input") => {
+                only(&[Mode::Remote], "--tool-input")?;
+                let path = PathBuf::from(parser.value().map_err(|e| e.to_string())?);
+                match o.actions.last_mut() {
+                    Some(action) => action.tool_inputs.push(path),
+                    None => trailing_tool_inputs.push(path),
+                }
+            }
+            Long("root") => {
+                only(&[Mode::Remote], "--root")?;
+                o.root = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
             }
             Long("verbosity") => {
                 only(&[Mode::Bazel, Mode::Remote], "--verbosity")?;
@@ -365,7 +422,26 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         }
     }
     flush(&mut building, &mut o.requests);
-    if o.command.is_empty() {
+    if mode == Mode::Remote {
+        if !o.command.is_empty() {
+            o.actions.push(remote::Action {
+                command: o.command.clone(),
+                tool_inputs: trailing_tool_inputs,
+            });
+        } else if !trailing_tool_inputs.is_empty() {
+            return Err(
+                "--tool-input before any --action belongs to the command after '--', \
+                        and there is none"
+                    .to_owned(),
+            );
+        }
+        if bench && (o.engine != engine::Engine::BuildBuddy || o.command.is_empty()) {
+            return Err(
+                "a remote benchmark drives the command after '--' as buildbuddy does".to_owned(),
+            );
+        }
+    }
+    if o.command.is_empty() && (mode != Mode::Remote || o.actions.is_empty()) {
         return Err(format!(
             "no worker command: put it after '--', e.g. worker-client {} -- persistent-worker",
             mode.name()
