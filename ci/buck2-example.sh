@@ -14,10 +14,12 @@
 #   5. when a worker fails: an action past its timeout_seconds is reported
 #      as timed out by the worker, at once; a worker killed with SIGKILL in
 #      the middle of a build fails its actions (no hang) and the next build
-#      gets a new one; Ctrl-C on the client reaches the worker as cancelled
-#      calls; `buck2 kill` in the middle of a build leaves no worker and no
-#      bridge child behind.
-# Any mismatch fails the script with the evidence printed.
+#      gets a new one; after Ctrl-C on the client, every request the worker
+#      had is cancelled or runs to its end (this Buck2 lets them run) and the
+#      worker stops; `buck2 kill` in the middle of a build leaves no worker
+#      and no bridge child behind.
+# Any mismatch fails the script with the evidence printed. It takes about a
+# minute.
 #
 # Without a `buck2` on PATH it says that it skipped, and why, and exits 0;
 # with REQUIRE_BUCK2=1 (CI) that is a failure instead. The remote (BuildBuddy)
