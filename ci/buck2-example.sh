@@ -231,6 +231,7 @@ echo >&2
 echo "== control: the concurrency check fails at concurrency 3" >&2
 build "$work/concurrency-3" : -c persistent_worker.concurrency=3 -c build.cache_silo_key=concurrency-3
 ran worker "$work/concurrency-3"
+echo "the concurrency check of 4 at concurrency 3 (must FAIL):" >&2
 if python3 "$check" timing "$work/concurrency-3/log-show.jsonl" --peak 4 --span-below-ms 2000 >&2; then
   fail "the concurrency check passed at concurrency 3: it cannot tell 3 from 4"
 fi
