@@ -50,9 +50,9 @@ fn panic_batch(worker: &mut Worker, first: i32, count: i32, window: i32) {
 
 /// 10,000 panics in a row: every one answered, no thread lost or leaked, and
 /// memory flat. RSS is compared between 1,000 and 10,000 panics, after the
-/// allocator and the panic machinery have warmed up; 2 MiB of slack covers
-/// allocator fragmentation, while a leak of even 200 bytes per panic would
-/// exceed it over 9,000 panics.
+/// allocator and the panic machinery have warmed up; 1 MiB of slack covers
+/// allocator fragmentation (steady runs move by under 100 KiB), while a
+/// leak of 200 bytes per panic, 1,758 KiB over 9,000 panics, exceeds it.
 #[test]
 fn ten_thousand_panics_in_a_row_are_all_answered_with_flat_threads_and_rss() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,7 +64,7 @@ fn ten_thousand_panics_in_a_row_are_all_answered_with_flat_threads_and_rss() {
     eprintln!("after 1k panics: {threads_1k} threads, {rss_1k} KiB; after 10k: {threads_10k} threads, {rss_10k} KiB");
     assert_eq!(threads_1k, threads_10k, "thread count changed");
     assert!(
-        rss_10k <= rss_1k + 2048,
+        rss_10k <= rss_1k + 1024,
         "RSS grew from {rss_1k} KiB to {rss_10k} KiB"
     );
     // Still serving ordinary requests.
