@@ -16,7 +16,13 @@ seconds=$2
 export RUSTC_BOOTSTRAP=1
 corpus=fuzz/corpus/$target
 seeds=testdata/fuzz/$target
-mkdir -p "$corpus" "$seeds"
+# Without seeds a short run starts from nothing and reaches little; a
+# misspelt target or a lost folder must not pass as a fuzz run.
+if [ ! -d "$seeds" ] || [ -z "$(ls -A "$seeds")" ]; then
+  echo "fuzz $target: no seed inputs in $seeds; refusing to fuzz from nothing" >&2
+  exit 2
+fi
+mkdir -p "$corpus"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

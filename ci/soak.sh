@@ -26,6 +26,17 @@ stop_hogs() {
     hogs=()
 }
 trap stop_hogs EXIT
+# Each load process must still run: a stress-ng that died (a refused option,
+# a kill) would leave the "loaded" tests running on an idle machine.
+check_hogs() {
+    for pid in "${hogs[@]}"; do
+        state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || state=
+        if [ -z "$state" ] || [ "$state" = Z ]; then
+            echo "soak.sh: load process $pid is gone; $1 would not be under load" >&2
+            exit 1
+        fi
+    done
+}
 cargo test "${release[@]}" --no-run --quiet --test faults --test bazel_worker --test buck2_worker --test soak
 if command -v stress-ng >/dev/null; then
     stress-ng --cpu "$cores" --quiet &
@@ -38,7 +49,9 @@ else
     done
     echo "load: $cores busy loops"
 fi
+check_hogs "the test run"
 cargo test "${release[@]}" --quiet --test faults --test bazel_worker --test buck2_worker
+check_hogs "all of the test run"
 stop_hogs
 
 echo "soak: $requests requests per front end, $profile build"

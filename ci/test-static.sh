@@ -14,11 +14,21 @@ for bin in persistent-worker worker-client; do
     exit 2
   fi
 done
-# Every test executable, as cargo would run it.
-mapfile -t tests < <(
-  cargo test --no-run --message-format=json 2>/dev/null |
-    jq -r 'select(.reason == "compiler-artifact" and .profile.test == true) | .executable'
-)
+# Every test executable, as cargo would run it. Built in plain commands, not
+# inside a process substitution, whose failure `set -e` never sees.
+artifacts=$(mktemp)
+build_log=$(mktemp)
+if ! cargo test --no-run --message-format=json >"$artifacts" 2>"$build_log"; then
+  tail -n 40 "$build_log" >&2
+  echo "test-static.sh: cargo test --no-run failed" >&2
+  exit 1
+fi
+executables=$(jq -r 'select(.reason == "compiler-artifact" and .profile.test == true) | .executable' "$artifacts")
+rm -f "$artifacts" "$build_log"
+mapfile -t tests <<<"$executables"
+if [ -z "$executables" ]; then
+  tests=()
+fi
 if ((${#tests[@]} == 0)); then
   echo "test-static.sh: cargo found no test executables" >&2
   exit 1

@@ -8,6 +8,8 @@
 //! `--hang`.
 //! `--print-env NAME` reports a variable of the request's env (Buck2 sends
 //! env per request), so a client can see it arrived.
+//! `--barrier N` holds a request until N requests with outfiles in the same
+//! directory have arrived, so a client can prove they ran at the same time.
 //!
 //! `--noop [--reply-bytes N] [ANY...]` is for benchmarks: it answers at once,
 //! writes nothing and ignores the arguments after it (they are padding that
@@ -18,13 +20,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::quote::quoted;
-use crate::request::{Handler, Request, Response};
+use crate::request::{Handler, Request, Response, Stop};
 
 pub const USAGE: &str =
-    "usage: [--work-ms N] [--busy-ms N] [--hang] [--panic] [--print-stdout TEXT] [--print-env NAME] OUTFILE
+    "usage: [--work-ms N] [--busy-ms N] [--hang] [--panic] [--print-stdout TEXT] [--print-env NAME] [--barrier N] OUTFILE
        --noop [--reply-bytes N] [ANY...]
 writes the file name of OUTFILE and a newline to OUTFILE;
 --print-env NAME adds NAME=VALUE from the request's env to the message;
+--barrier N marks OUTFILE.arrived, then waits until N such marks are in OUTFILE's directory
+  (fails after 10 s), so N requests succeed only if they all run at once;
 --busy-ms N works N ms without heeding cancellation, like a tool that cannot be stopped;
 --hang never returns and ignores cancellation, like a deadlocked tool;
 --noop answers at once with N bytes of output (default none), ignoring ANY\n";
@@ -44,6 +48,7 @@ struct DemoArgs {
     panic: bool,
     print_stdout: Option<String>,
     print_env: Option<String>,
+    barrier: Option<usize>,
 }
 
 fn parse(args: &[String]) -> Result<DemoArgs, String> {
@@ -58,6 +63,7 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
         panic: false,
         print_stdout: None,
         print_env: None,
+        barrier: None,
     };
     let text = |v: std::ffi::OsString| v.into_string().map_err(|_| "argument is not UTF-8");
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -85,6 +91,14 @@ fn parse(args: &[String]) -> Result<DemoArgs, String> {
             }
             Long("print-env") => {
                 parsed.print_env = Some(text(parser.value().map_err(|e| e.to_string())?)?)
+            }
+            Long("barrier") => {
+                let n: usize = parser
+                    .value()
+                    .map_err(|e| e.to_string())?
+                    .parse()
+                    .map_err(|e| format!("--barrier: {e}"))?;
+                parsed.barrier = Some(n);
             }
             Value(v) => outfiles.push(text(v)?),
             other => return Err(other.unexpected().to_string()),
@@ -143,6 +157,18 @@ impl Handler for Demo {
             }
         }
         std::thread::sleep(args.busy);
+        if let Some(want) = args.barrier {
+            match barrier(&request.resolve(&args.outfile), want, request) {
+                Ok(()) => {}
+                Err(Ok(stop)) => {
+                    return Response::stopped(
+                        stop,
+                        format!("demo: stopped at the barrier for {}\n", args.outfile),
+                    )
+                }
+                Err(Err(message)) => return Response::error(1, format!("demo: {message}\n")),
+            }
+        }
         if let Err(stop) = request.cancel.sleep(args.work.unwrap_or(self.work)) {
             return Response::stopped(
                 stop,
@@ -165,6 +191,47 @@ impl Handler for Demo {
             Ok(()) => Response::ok(format!("{env}demo: wrote {}\n", args.outfile)),
             Err(e) => Response::error(1, format!("demo: cannot write {}: {e}\n", path.display())),
         }
+    }
+}
+
+/// How long `--barrier` waits for the other requests.
+const BARRIER_WAIT: Duration = Duration::from_secs(10);
+
+/// Marks `outfile.arrived`, then waits until `want` marks are in its
+/// directory: other requests, in this process or another, mark theirs
+/// there. Looks every 10 ms, as the requests may share no process to signal
+/// in. `Err(Ok(stop))` if the request was stopped meanwhile, `Err(Err(_))`
+/// if the others did not come.
+fn barrier(outfile: &Path, want: usize, request: &Request) -> Result<(), Result<Stop, String>> {
+    let mut mark = outfile.as_os_str().to_owned();
+    mark.push(".arrived");
+    std::fs::write(&mark, b"").map_err(|e| {
+        Err(format!(
+            "--barrier: cannot mark {}: {e}",
+            quoted(&mark.to_string_lossy())
+        ))
+    })?;
+    let dir = outfile.parent().unwrap_or(Path::new("."));
+    let deadline = std::time::Instant::now() + BARRIER_WAIT;
+    loop {
+        let arrived = std::fs::read_dir(dir)
+            .map_err(|e| Err(format!("--barrier: cannot read {}: {e}", dir.display())))?
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().as_encoded_bytes().ends_with(b".arrived"))
+            .count();
+        if arrived >= want {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Err(format!(
+                "--barrier: {arrived} of {want} requests arrived within {} s",
+                BARRIER_WAIT.as_secs()
+            )));
+        }
+        request
+            .cancel
+            .sleep(Duration::from_millis(10))
+            .map_err(Ok)?;
     }
 }
 
@@ -259,6 +326,34 @@ mod tests {
         assert_eq!(response.output, "x".repeat(1000));
         let response = run(&["--noop", "--reply-bytes", "many"], d.path());
         assert_eq!(response.exit_code, 2, "{}", response.output);
+    }
+
+    #[test]
+    fn a_barrier_passes_once_enough_requests_arrived_and_fails_alone() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("bar")).unwrap();
+        // Two requests on two threads meet.
+        let threads: Vec<_> = ["bar/a", "bar/b"]
+            .into_iter()
+            .map(|out| {
+                let dir = d.path().to_path_buf();
+                std::thread::spawn(move || run(&["--barrier", "2", out], &dir))
+            })
+            .collect();
+        for thread in threads {
+            let response = thread.join().unwrap();
+            assert_eq!(response.exit_code, 0, "{}", response.output);
+        }
+        assert!(d.path().join("bar/a").exists() && d.path().join("bar/b").exists());
+        // One alone is cancelled while it waits.
+        let req = Request::new(
+            vec!["--barrier".into(), "3".into(), "bar/c".into()],
+            d.path().into(),
+        );
+        req.cancel.cancel();
+        let response = Demo::default().handle(&req);
+        assert!(response.cancelled, "{}", response.output);
+        assert!(!d.path().join("bar/c").exists());
     }
 
     #[test]

@@ -56,7 +56,9 @@ fn processes_in(dir: &Path, except: u32) -> Vec<u32> {
     found
 }
 
-/// Waits until no process but `except` runs in `dir`.
+/// Waits until no process but `except` runs in `dir`. Any left at the
+/// limit are this test's own (they run in its fresh directory): they are
+/// killed before the test fails, so they do not outlive it.
 fn expect_no_processes_in(dir: &Path, except: u32, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
@@ -64,13 +66,85 @@ fn expect_no_processes_in(dir: &Path, except: u32, limit: Duration) {
         if left.is_empty() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "processes still running in {}: {left:?}",
-            dir.display()
-        );
+        if Instant::now() >= deadline {
+            let described: Vec<String> = left
+                .iter()
+                .map(|pid| {
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid} {}",
+                        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                    )
+                })
+                .collect();
+            for pid in &left {
+                // SAFETY: a process of this test, seen just now.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+            panic!(
+                "processes still running in {}: {described:?}",
+                dir.display()
+            );
+        }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes a shell script into `dir` and returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// A JSON-protocol worker that answers nothing and ends only by SIGKILL:
+/// it ignores SIGHUP, SIGINT and SIGTERM, and the end of its input.
+const STUBBORN: &str = r#"trap '' HUP INT TERM
+while IFS= read -r line; do :; done
+while :; do sleep 1; done
+"#;
+
+/// A JSON-protocol worker that answers every request, then, at the end of
+/// its input, ignores it and SIGHUP, SIGINT and SIGTERM: only SIGKILL ends
+/// it.
+const ANSWERS_THEN_STAYS: &str = r#"trap '' HUP INT TERM
+while IFS= read -r line; do
+  printf '{"exitCode":0,"output":"stays %s\\n"}\n' "$$"
+done
+while :; do sleep 1; done
+"#;
+
+/// A JSON-protocol worker whose requests wait (at most 10 s) for the file
+/// `$1/go`, and which marks `$1/ended.PID` once its input has ended, so a
+/// test can tell an orderly end from a kill.
+const ENDS_AT_EOF: &str = r#"marks=$1
+while IFS= read -r line; do
+  i=0
+  while [ ! -e "$marks/go" ] && [ "$i" -lt 1000 ]; do sleep 0.01; i=$((i+1)); done
+  code=1
+  [ -e "$marks/go" ] && code=0
+  printf '{"exitCode":%d,"output":"orderly worker %s answered\\n"}\n' "$code" "$$"
+done
+: > "$marks/ended.$$"
+"#;
+
+/// A JSON-protocol worker that expands nothing: it answers with the request
+/// line it was sent, and fails any request with an argument starting `@`.
+const ECHO: &str = r#"while IFS= read -r line; do
+  code=0
+  case "$line" in *'"@'*) code=3 ;; esac
+  text=$(printf '%s' "$line" | sed 's/\\/\\\\/g; s/"/\\"/g')
+  printf '{"exitCode":%d,"output":"child got %s\\n"}\n' "$code" "$text"
+done
+"#;
+
+/// The pid in a "bridge: started child pid N: ..." line.
+fn started_pid(line: &str) -> u32 {
+    line.split("started child pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -267,7 +341,8 @@ fn singleplex_children_of_either_protocol_write_files_and_relay_stderr() {
                 std::fs::read_to_string(dir.join("out.txt")).unwrap(),
                 "out.txt\n"
             );
-            // The argfile is expanded by the bridge: the child sees its lines.
+            // An argfile works end to end (this child could expand it
+            // itself; `the_bridge_expands_argfiles...` shows the bridge does).
             let response = execute(&conn, &command(&["@args"]));
             assert_eq!(response.exit_code, 0, "{protocol}: {}", response.stderr);
             assert_eq!(
@@ -341,10 +416,20 @@ fn a_multiplex_child_of_either_protocol_serves_every_request() {
                     "--child-protocol",
                     protocol,
                 ],
-                &[BIN, "--verbose", "--worker-protocol", protocol],
+                &[
+                    BIN,
+                    "--verbose",
+                    "--concurrency",
+                    "4",
+                    "--worker-protocol",
+                    protocol,
+                ],
             );
+            // Each request waits at a barrier until all four run in the
+            // child at once: answered one at a time, they fail.
+            std::fs::create_dir(dir.join("bar")).unwrap();
             let requests: Vec<_> = (0..4)
-                .map(|i| command(&["--work-ms", "100", &format!("m{i}")]))
+                .map(|i| command(&["--barrier", "4", &format!("bar/m{i}")]))
                 .collect();
             let responses = execute_stream(&bridge.connect(), &requests);
             let children = bridge.children();
@@ -359,7 +444,7 @@ fn a_multiplex_child_of_either_protocol_serves_every_request() {
                     response.stderr
                 );
                 assert_eq!(
-                    std::fs::read_to_string(dir.join(format!("m{i}"))).unwrap(),
+                    std::fs::read_to_string(dir.join(format!("bar/m{i}"))).unwrap(),
                     format!("m{i}\n")
                 );
             }
@@ -574,67 +659,168 @@ fn a_child_that_cannot_start_fails_fast_after_three_tries() {
     });
 }
 
+/// Two requests are in flight when SIGTERM comes, held there until the
+/// test lets them go; they are answered, and then every child ends in good
+/// order: it sees the end of its input and marks that it did. A bridge that
+/// killed its children, or left them to the parent-death signal, fails.
 #[test]
 fn sigterm_lets_requests_in_flight_finish_then_ends_the_children() {
     within(Duration::from_secs(60), || {
         let (_d, dir) = tempdir();
+        let marks = dir.join("marks");
+        std::fs::create_dir(&marks).unwrap();
+        let worker = script(&dir, "orderly.sh", ENDS_AT_EOF);
         let mut bridge = Bridge::start(
             &dir,
             &[
                 "--concurrency",
                 "2",
                 "--verbose",
+                "--child-protocol",
+                "json",
                 "--shutdown-grace-ms",
-                "10000",
+                "20000",
             ],
-            &[BIN],
+            &["sh", &worker, marks.to_str().unwrap()],
         );
         let conn = bridge.connect();
         let calls: Vec<_> = (0..2)
             .map(|i| {
                 conn.client()
-                    .unary_call_async(
-                        &EXECUTE,
-                        &command(&["--work-ms", "700", &format!("t{i}")]),
-                        opt(),
-                    )
+                    .unary_call_async(&EXECUTE, &command(&[&format!("t{i}")]), opt())
                     .unwrap()
             })
             .collect();
         bridge.expect_line("Execute #0 started", Duration::from_secs(10));
         bridge.expect_line("Execute #1 started", Duration::from_secs(10));
         // Children start lazily, after the request's "started" line.
-        bridge.expect_lines("bridge: started child pid", 2, Duration::from_secs(10));
-        assert_eq!(bridge.children().len(), 2);
+        let mut pids: Vec<u32> = (1..=2)
+            .map(|n| {
+                started_pid(&bridge.expect_lines(
+                    "bridge: started child pid",
+                    n,
+                    Duration::from_secs(10),
+                ))
+            })
+            .collect();
+        pids.sort();
+        pids.dedup();
+        assert_eq!(pids.len(), 2, "{pids:?}");
         bridge.signal(libc::SIGTERM);
+        bridge.expect_line("SIGTERM", Duration::from_secs(10));
+        std::fs::write(marks.join("go"), "").unwrap();
         for call in calls {
             let response = wait(call, Duration::from_secs(20)).unwrap();
             assert_eq!(response.exit_code, 0, "{}", response.stderr);
+            assert!(response.stderr.contains("answered"), "{}", response.stderr);
         }
         let dir = bridge.dir.clone();
-        let (status, _log) = bridge.finish(Duration::from_secs(20));
+        let (status, log) = bridge.finish(Duration::from_secs(20));
         assert!(status.success(), "{status:?}");
+        for pid in pids {
+            assert!(
+                marks.join(format!("ended.{pid}")).exists(),
+                "child {pid} did not see the end of its input; log:\n{}",
+                log.join("\n")
+            );
+        }
         expect_no_processes_in(&dir, 0, Duration::from_secs(5));
-        assert!(dir.join("t0").exists() && dir.join("t1").exists());
     });
 }
 
+/// A child that outstays the end of its input is killed after the bound, and
+/// the log says so.
+#[test]
+fn sigterm_kills_a_child_that_ignores_the_end_of_its_input() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let worker = script(&dir, "stays.sh", ANSWERS_THEN_STAYS);
+        let mut bridge = Bridge::start(
+            &dir,
+            &[
+                "--concurrency",
+                "1",
+                "--verbose",
+                "--child-protocol",
+                "json",
+            ],
+            &["sh", &worker],
+        );
+        let response = execute(&bridge.connect(), &command(&["x"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        let pid =
+            started_pid(&bridge.expect_line("bridge: started child pid", Duration::from_secs(10)));
+        bridge.signal(libc::SIGTERM);
+        bridge.expect_line(
+            &format!("bridge: child pid {pid} did not exit within"),
+            Duration::from_secs(10),
+        );
+        let dir = bridge.dir.clone();
+        let (status, _) = bridge.finish(Duration::from_secs(20));
+        assert!(status.success(), "{status:?}");
+        expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
+
+/// The child ignores the end of its input and every catchable signal: only
+/// the parent-death signal the bridge arms can end it.
 #[test]
 fn no_child_outlives_a_killed_bridge() {
     within(Duration::from_secs(60), || {
         let (_d, dir) = tempdir();
-        let mut bridge = Bridge::start(&dir, &["--concurrency", "2", "--verbose"], &[BIN]);
+        let worker = script(&dir, "stubborn.sh", STUBBORN);
+        let mut bridge = Bridge::start(
+            &dir,
+            &[
+                "--concurrency",
+                "2",
+                "--verbose",
+                "--child-protocol",
+                "json",
+            ],
+            &["sh", &worker],
+        );
         let conn = bridge.connect();
         let _call = conn
             .client()
-            .unary_call_async(&EXECUTE, &command(&["--work-ms", "60000", "x"]), opt())
+            .unary_call_async(&EXECUTE, &command(&["x"]), opt())
             .unwrap();
-        bridge.expect_line("bridge: started child pid", Duration::from_secs(10));
-        assert_eq!(bridge.children().len(), 1);
+        let pid =
+            started_pid(&bridge.expect_line("bridge: started child pid", Duration::from_secs(10)));
+        assert!(pid_alive(pid), "child {pid} is not running");
         bridge.signal(libc::SIGKILL);
         let dir = bridge.dir.clone();
         let _ = bridge.finish(Duration::from_secs(10));
         expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
+
+/// The child expands nothing and fails on an `@` argument: the lines of the
+/// argfile reach it only if the bridge expanded them.
+#[test]
+fn the_bridge_expands_argfiles_for_a_child_that_does_not() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        std::fs::write(dir.join("args"), "--work-ms\n0\nsub/from-argfile\n").unwrap();
+        let worker = script(&dir, "echo.sh", ECHO);
+        let bridge = Bridge::start(
+            &dir,
+            &["--concurrency", "1", "--child-protocol", "json"],
+            &["sh", &worker],
+        );
+        let conn = bridge.connect();
+        let response = execute(&conn, &command(&["@args"]));
+        assert_eq!(response.exit_code, 0, "{}", response.stderr);
+        assert!(
+            response
+                .stderr
+                .contains(r#""arguments": ["--work-ms", "0", "sub/from-argfile"]"#),
+            "{}",
+            response.stderr
+        );
+        // The echo itself: an `@` argument does reach it as such.
+        let response = execute(&conn, &command(&["@@literal"]));
+        assert_eq!(response.exit_code, 3, "{}", response.stderr);
     });
 }
 

@@ -652,6 +652,13 @@ fn another_user_cannot_connect_to_the_socket() {
         match connect_as_stranger(&open) {
             Probe::Connected => {}
             Probe::CannotSwitch(errno) => {
+                // CI runs as root and sets this: there a skip would hide a
+                // check that never ran.
+                assert!(
+                    std::env::var("REQUIRE_USER_SWITCH").as_deref() != Ok("1"),
+                    "REQUIRE_USER_SWITCH=1 but this test cannot switch to uid {STRANGER} \
+                     (errno {errno}); the socket mode was not checked from another user"
+                );
                 return loud_skip(
                     "another_user_cannot_connect_to_the_socket",
                     &format!(

@@ -4,10 +4,12 @@
 //! Every request writes its own file, whose content is checked; every id is
 //! answered exactly once; cancelled requests are flagged and write nothing.
 //! Threads and RSS are sampled after 10 % and after 100 % of the requests and
-//! must be flat: the same thread count, and RSS within 4 MiB. The slack is
-//! for allocator arenas and page-cache effects in the worker (steady runs
-//! move by well under 1 MiB); a leak of 64 bytes per request would exceed it
-//! within 100,000 requests.
+//! must be flat: the same thread count, and RSS within 512 KiB or 56 bytes
+//! per request between the samples, whichever is more. The slack is for
+//! allocator arenas, page-cache effects and gRPC's pools in the worker
+//! (steady runs of 10,000 move by 100 to 310 KiB); a leak of 64 bytes per
+//! request, 562 KiB over the 9,000 requests between the samples of CI's
+//! 10,000, exceeds it, as it does at any larger count.
 
 mod common;
 mod fault_support;
@@ -19,7 +21,8 @@ use std::time::Instant;
 use common::{cancel, request, Worker};
 use fault_support::threads_and_rss;
 
-const RSS_SLACK_KIB: u64 = 4096;
+const RSS_SLACK_KIB: u64 = 512;
+const RSS_SLACK_BYTES_PER_REQUEST: u64 = 56;
 
 fn requests() -> i32 {
     std::env::var("SOAK_REQUESTS")
@@ -73,9 +76,11 @@ fn report(front_end: &str, n: i32, started: Instant, samples: &[Sample], extra: 
         first.threads, last.threads,
         "{front_end}: thread count changed"
     );
+    let between = u64::try_from(last.at - first.at).unwrap_or(0);
+    let slack = RSS_SLACK_KIB.max(between * RSS_SLACK_BYTES_PER_REQUEST / 1024);
     assert!(
-        last.rss_kib <= first.rss_kib + RSS_SLACK_KIB,
-        "{front_end}: RSS grew from {} KiB to {} KiB",
+        last.rss_kib <= first.rss_kib + slack,
+        "{front_end}: RSS grew from {} KiB to {} KiB over {between} requests (slack {slack} KiB)",
         first.rss_kib,
         last.rss_kib
     );
@@ -137,9 +142,7 @@ fn soak_bazel_proto_multiplex_64_in_flight_with_cancels() {
     }
     let extra = format!(", {cancelled} cancelled");
     report("bazel proto multiplex", n, started, &samples, &extra);
-    let (status, rest, stderr) = worker.finish();
-    assert!(status.success(), "{stderr}");
-    assert!(rest.is_empty(), "responses after the last: {}", rest.len());
+    worker.finish_cleanly();
 }
 
 /// Bazel JSON singleplex, eight requests pipelined: answers come back in the
@@ -183,9 +186,7 @@ fn soak_bazel_json_singleplex() {
         }
     }
     report("bazel json singleplex", n, started, &samples, "");
-    let (status, rest, stderr) = worker.finish();
-    assert!(status.success(), "{stderr}");
-    assert!(rest.is_empty(), "responses after the last: {}", rest.len());
+    worker.finish_cleanly();
 }
 
 /// Buck2 Execute from 16 clients at once, each on its own connection.

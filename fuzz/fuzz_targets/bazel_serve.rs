@@ -1,7 +1,7 @@
 //! The whole Bazel front end: arbitrary stdin into `serve` with a trivial
 //! handler. It must return (no hang, no panic), write only whole, decodable
 //! responses, and, when the input was well formed, answer every request that
-//! is not a cancel exactly once.
+//! is not a cancel exactly once, under its id.
 #![no_main]
 
 use std::io::{BufReader, Write};
@@ -65,26 +65,29 @@ fuzz_target!(|data: &[u8]| {
     // What a client would read: whole responses and nothing else.
     let written = output.0.lock().unwrap().clone();
     let mut reader = &written[..];
-    let mut responses = 0;
-    while let Some(_) = format
+    let mut answered = Vec::new();
+    while let Some(response) = format
         .read_response(&mut reader, usize::MAX)
         .expect("output is whole, well-formed responses")
     {
-        responses += 1;
+        answered.push(response.request_id);
     }
 
     if result.is_ok() {
-        // Every request that is not a cancel is answered exactly once.
+        // Every request that is not a cancel is answered exactly once, under
+        // its own id: the ids answered are the ids asked, as many times each.
         let mut input = BufReader::new(stdin);
-        let mut expected = 0;
+        let mut asked = Vec::new();
         while let Some(request) = format
             .read_request(&mut input, MAX)
             .expect("serve read this input without error")
         {
             if !request.cancel {
-                expected += 1;
+                asked.push(request.request_id);
             }
         }
-        assert_eq!(responses, expected);
+        asked.sort_unstable();
+        answered.sort_unstable();
+        assert_eq!(answered, asked, "ids answered vs. ids asked");
     }
 });

@@ -8,6 +8,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use persistent_worker::buck2::command::to_request;
 use persistent_worker::proto::worker::ExecuteCommand;
+use persistent_worker::quote::quoted_bytes;
 use protobuf::Message;
 
 fuzz_target!(|data: &[u8]| {
@@ -30,6 +31,31 @@ fuzz_target!(|data: &[u8]| {
         Err(message) => {
             // 200 bytes shown, each at most ~10 characters once escaped.
             assert!(message.len() < 4096, "{} byte message", message.len());
+            // The first entry that is not UTF-8 is the one named: argv
+            // first, then the environment in order.
+            let bad = |bytes: &[u8]| std::str::from_utf8(bytes).is_err();
+            if let Some(i) = argv.iter().position(|a| bad(a)) {
+                let named = format!("argument {i} ({:?})", quoted_bytes(&argv[i]));
+                assert!(
+                    message.contains(&named),
+                    "{message:?} does not name {named:?}"
+                );
+            } else {
+                let entry = env
+                    .iter()
+                    .find(|e| bad(&e.key) || bad(&e.value))
+                    .expect("a refusal names an entry that is not UTF-8");
+                let shown = quoted_bytes(&entry.key);
+                let named = if bad(&entry.key) {
+                    format!("environment variable name {shown:?}")
+                } else {
+                    format!("value of environment variable {shown}")
+                };
+                assert!(
+                    message.contains(&named),
+                    "{message:?} does not name {named:?}"
+                );
+            }
         }
     }
 });

@@ -329,6 +329,81 @@ mod tests {
         );
     }
 
+    /// A pipe that takes at most `max` bytes per call, the way a full pipe
+    /// or a slow reader hands back short writes; counts the calls.
+    struct Trickle {
+        max: usize,
+        bytes: Arc<Mutex<Vec<u8>>>,
+        calls: Arc<Mutex<usize>>,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            *lock(&self.calls) += 1;
+            let n = buf.len().min(self.max);
+            lock(&self.bytes).extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            *lock(&self.calls) += 1;
+            let mut left = self.max;
+            let mut taken = 0;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                lock(&self.bytes).extend_from_slice(&buf[..n]);
+                taken += n;
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok(taken)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn short_writes_are_resumed_where_they_stopped() {
+        for max in [1, 3, 7] {
+            let bytes = Arc::default();
+            let calls = Arc::default();
+            let stream = Trickle {
+                max,
+                bytes: Arc::clone(&bytes),
+                calls: Arc::clone(&calls),
+            };
+            let writer = ResponseWriter::new(WireFormat::Proto, Box::new(stream));
+            // One response alone (write_all), then three in one batch
+            // (writev): the batch is queued while a write is in progress.
+            writer.send(&response(1));
+            let mut line = lock(&writer.line);
+            line.writing = true;
+            drop(line);
+            let turns: Vec<_> = [2, 3, 4]
+                .into_iter()
+                .map(|id| writer.queue(writer.encode(&response(id))))
+                .collect();
+            assert!(
+                turns.iter().all(|turn| !turn.mine),
+                "a write was in progress"
+            );
+            drop(turns);
+            lock(&writer.line).writing = false;
+            writer.queue(writer.encode(&response(5))).write();
+            writer.close();
+            let expected = wire(&[1, 2, 3, 4, 5]);
+            assert_eq!(*lock(&bytes), expected, "{max} byte(s) per call");
+            assert!(
+                *lock(&calls) >= expected.len().div_ceil(max),
+                "{max} byte(s) per call: {} calls for {} bytes",
+                lock(&calls),
+                expected.len()
+            );
+        }
+    }
+
     #[test]
     fn a_failed_write_ends_the_stream_for_good() {
         struct Broken(Arc<Mutex<usize>>);
