@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::argfile;
 use crate::bazel::framing::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::bazel::WireFormat;
+use crate::bridge::{Recycle, DEFAULT_MAX_ENV_KEYS};
 use crate::quote::{quoted, quoted_bytes};
 
 pub const USAGE: &str = "\
@@ -44,6 +45,12 @@ bridge options:
   --child-protocol FORMAT    framing spoken to the children: proto (default) or json
   --cancel-grace-ms N        how long a cancelled or timed-out request's child may
                              still answer before it is killed or abandoned (default 100)
+  --max-env-keys N           request environments with children at once; a new one
+                             beyond N retires the least recently used (default 4;
+                             0: ignore the requests' environments)
+  --max-requests-per-child N replace a child after it served N requests (default: never)
+  --max-child-rss-mib M      replace a child whose resident memory is over M MiB
+                             after a request (default: never)
   -h, --help                 print this help
   -V, --version              print the version
 ";
@@ -82,6 +89,9 @@ pub struct BridgeOptions {
     pub multiplex: bool,
     pub child_protocol: WireFormat,
     pub cancel_grace: Duration,
+    /// `--max-env-keys`: 0 ignores the requests' environments.
+    pub max_env_keys: usize,
+    pub recycle: Recycle,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -137,6 +147,8 @@ pub fn parse(
             multiplex: false,
             child_protocol: WireFormat::Proto,
             cancel_grace: Duration::from_millis(100),
+            max_env_keys: DEFAULT_MAX_ENV_KEYS,
+            recycle: Recycle::default(),
         },
         on: false,
         only: None,
@@ -240,6 +252,26 @@ fn apply(
                 bridge.options.cancel_grace =
                     Duration::from_millis(number(&mut parser, "--cancel-grace-ms")?);
                 bridge.only = Some("--cancel-grace-ms");
+            }
+            Long("max-env-keys") => {
+                bridge.options.max_env_keys = number(&mut parser, "--max-env-keys")?;
+                bridge.only = Some("--max-env-keys");
+            }
+            Long("max-requests-per-child") => {
+                let max = number(&mut parser, "--max-requests-per-child")?;
+                if max == 0 {
+                    return Err("--max-requests-per-child must be at least 1".to_owned());
+                }
+                bridge.options.recycle.max_requests = Some(max);
+                bridge.only = Some("--max-requests-per-child");
+            }
+            Long("max-child-rss-mib") => {
+                let max = number(&mut parser, "--max-child-rss-mib")?;
+                if max == 0 {
+                    return Err("--max-child-rss-mib must be at least 1".to_owned());
+                }
+                bridge.options.recycle.max_rss_mib = Some(max);
+                bridge.only = Some("--max-child-rss-mib");
             }
             Short('h') | Long("help") if !matches!(source, Source::File(_)) => {
                 return Ok(Some(Command::Help))
@@ -491,6 +523,42 @@ mod tests {
         )
         .is_err());
         assert_eq!(options(&["--", "x"], None).request_args, ["x"]);
+    }
+
+    #[test]
+    fn bridge_env_keys_and_recycling_limits() {
+        let o = options(&["--bridge", "--", "w"], Some("/tmp/s"));
+        let bridge = o.bridge.expect("bridge options");
+        assert_eq!(bridge.max_env_keys, DEFAULT_MAX_ENV_KEYS);
+        assert_eq!(bridge.recycle, Recycle::default());
+        let o = options(
+            &[
+                "--bridge",
+                "--max-env-keys",
+                "0",
+                "--max-requests-per-child",
+                "50",
+                "--max-child-rss-mib=512",
+                "--",
+                "w",
+            ],
+            Some("/tmp/s"),
+        );
+        let bridge = o.bridge.expect("bridge options");
+        assert_eq!(bridge.max_env_keys, 0);
+        assert_eq!(bridge.recycle.max_requests, Some(50));
+        assert_eq!(bridge.recycle.max_rss_mib, Some(512));
+        for args in [
+            &["--bridge", "--max-requests-per-child", "0", "--", "w"][..],
+            &["--bridge", "--max-child-rss-mib", "0", "--", "w"][..],
+            &["--bridge", "--max-env-keys", "-1", "--", "w"][..],
+            &["--max-env-keys", "2", "--persistent_worker"][..],
+        ] {
+            assert!(
+                run(args, Some("/tmp/s"), Path::new(".")).is_err(),
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             max_message_bytes: options.max_message_bytes,
             verbose: options.verbose,
             cwd,
+            max_env_keys: bridge.max_env_keys,
+            max_children: options.concurrency,
+            recycle: bridge.recycle,
         };
         match Bridge::new(settings) {
             Ok(bridge) => Arc::new(bridge),

@@ -465,7 +465,7 @@ fn a_multiplex_child_of_either_protocol_serves_every_request() {
             ids.dedup();
             assert_eq!(ids.len(), 4, "{ids:?}");
             assert!(ids.iter().all(|id| *id > 0), "{ids:?}");
-            // Buck2's env cannot travel; --verbose says so.
+            // Buck2's env picks a child of its own; --verbose names its key.
             let mut c = command(&["e"]);
             let mut entry =
                 persistent_worker::proto::worker::execute_command::EnvironmentEntry::new();
@@ -473,10 +473,7 @@ fn a_multiplex_child_of_either_protocol_serves_every_request() {
             entry.value = b"v".to_vec();
             c.env.push(entry);
             assert_eq!(execute(&bridge.connect(), &c).exit_code, 0);
-            bridge.expect_line(
-                "env entr(ies) of the request not forwarded",
-                Duration::from_secs(10),
-            );
+            bridge.expect_line(" (1 var))", Duration::from_secs(10));
         }
     });
 }
@@ -964,5 +961,253 @@ fn a_node_worker_on_bazel_worker_serves_buck2_requests() {
         let (status, _) = bridge.finish(Duration::from_secs(20));
         assert!(status.success(), "{status:?}");
         expect_no_processes_in(&dir, 0, Duration::from_secs(5));
+    });
+}
+
+/// A request with environment entries, for the probe worker.
+fn command_env(argv: &[&str], env: &[(&str, &str)]) -> ExecuteCommand {
+    let mut c = command(argv);
+    for (key, value) in env {
+        let mut entry = persistent_worker::proto::worker::execute_command::EnvironmentEntry::new();
+        entry.key = key.as_bytes().to_vec();
+        entry.value = value.as_bytes().to_vec();
+        c.env.push(entry);
+    }
+    c
+}
+
+/// The pid a `testdata/bridge/probe.py` answer starts with.
+fn probe_pid(response: &ExecuteResponse) -> u32 {
+    assert_eq!(response.exit_code, 0, "{}", response.stderr);
+    response
+        .stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("pid "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {:?}", response.stderr))
+}
+
+/// Waits until process `pid` is gone (exited and reaped).
+fn expect_gone(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "child {pid} still runs");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn probe() -> String {
+    testdata("bridge/probe.py")
+}
+
+#[test]
+fn two_environments_at_once_go_to_two_children_that_see_their_own() {
+    within(Duration::from_secs(60), || {
+        for mode in ["--concurrency", "--multiplex"] {
+            let (_d, dir) = tempdir();
+            let marks = dir.join("marks");
+            std::fs::create_dir(&marks).unwrap();
+            let mut args = vec!["--concurrency", "2", "--child-protocol", "json"];
+            if mode == "--multiplex" {
+                args.push(mode);
+            }
+            let bridge = Bridge::start(&dir, &args, &["python3", &probe()]);
+            let marks = marks.to_str().unwrap();
+            // Each waits until both run: they are served at once.
+            let requests: Vec<_> = ["one", "two"]
+                .iter()
+                .map(|value| {
+                    command_env(
+                        &["wait", marks, "2", "env", "PROBE_VALUE", "env", "PATH"],
+                        &[("PROBE_VALUE", value)],
+                    )
+                })
+                .collect();
+            let responses = execute_stream(&bridge.connect(), &requests);
+            for (response, value) in responses.iter().zip(["one", "two"]) {
+                let text = &response.stderr;
+                assert!(text.contains("arrived 2"), "{mode}: {text}");
+                assert!(
+                    text.contains(&format!("PROBE_VALUE={value} PATH=")),
+                    "{mode}: {text}"
+                );
+                // On top of the bridge's own environment, not instead of it.
+                assert!(!text.contains("PATH unset"), "{mode}: {text}");
+            }
+            let pids: Vec<u32> = responses.iter().map(probe_pid).collect();
+            assert_ne!(pids[0], pids[1], "{mode}: one child per environment");
+            // No environment is a key of its own: the bridge's.
+            let plain = execute(&bridge.connect(), &command(&["env", "PROBE_VALUE"]));
+            assert!(
+                plain.stderr.contains("PROBE_VALUE unset"),
+                "{mode}: {}",
+                plain.stderr
+            );
+            assert!(!pids.contains(&probe_pid(&plain)), "{mode}");
+        }
+    });
+}
+
+#[test]
+fn a_new_environment_beyond_the_bound_retires_the_least_recently_used() {
+    within(Duration::from_secs(60), || {
+        for mode in ["--concurrency", "--multiplex"] {
+            let (_d, dir) = tempdir();
+            let mut args = vec![
+                "--concurrency",
+                "4",
+                "--child-protocol",
+                "json",
+                "--max-env-keys",
+                "2",
+            ];
+            if mode == "--multiplex" {
+                args.push(mode);
+            }
+            let mut bridge = Bridge::start(&dir, &args, &["python3", &probe()]);
+            let conn = bridge.connect();
+            let run = |value: &str| {
+                let response = execute(&conn, &command_env(&["env", "V"], &[("V", value)]));
+                assert!(
+                    response.stderr.contains(&format!("V={value}\n")),
+                    "{mode}: {}",
+                    response.stderr
+                );
+                probe_pid(&response)
+            };
+            let a = run("a");
+            let b = run("b");
+            assert_ne!(a, b, "{mode}");
+            // A is used again, so B is the least recently used key.
+            assert_eq!(run("a"), a, "{mode}");
+            let c = run("c");
+            assert!(c != a && c != b, "{mode}");
+            bridge.expect_line("retired to make room for", Duration::from_secs(10));
+            expect_gone(b, Duration::from_secs(10));
+            assert!(pid_alive(a), "{mode}: the key used more recently stays");
+            assert_eq!(run("a"), a, "{mode}");
+            assert_eq!(run("c"), c, "{mode}");
+            // B comes back to a fresh child.
+            let b2 = run("b");
+            assert!(b2 != b && b2 != a && b2 != c, "{mode}");
+        }
+    });
+}
+
+#[test]
+fn the_same_environment_reuses_its_child_whatever_the_order_of_entries() {
+    within(Duration::from_secs(60), || {
+        let (_d, dir) = tempdir();
+        let starts = dir.join("starts");
+        let bridge = Bridge::start(
+            &dir,
+            &[
+                "--concurrency",
+                "2",
+                "--child-protocol",
+                "json",
+                "--verbose",
+            ],
+            &["python3", &probe(), starts.to_str().unwrap()],
+        );
+        let conn = bridge.connect();
+        let ask = &["env", "X", "env", "Y"];
+        let first = execute(&conn, &command_env(ask, &[("X", "1"), ("Y", "2")]));
+        assert!(first.stderr.contains("X=1 Y=2"), "{}", first.stderr);
+        let pid = probe_pid(&first);
+        let again = execute(&conn, &command_env(ask, &[("Y", "2"), ("X", "1")]));
+        assert!(again.stderr.contains("X=1 Y=2"), "{}", again.stderr);
+        assert_eq!(probe_pid(&again), pid, "{}", again.stderr);
+        // --verbose names the key; equal environments, equal names.
+        let key = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("bridge: answered by child pid"))
+                .and_then(|l| l.split_once(" (env "))
+                .and_then(|(_, rest)| rest.rsplit_once(", exit code"))
+                .map(|(key, _)| key.to_owned())
+                .unwrap_or_else(|| panic!("no key in {text}"))
+        };
+        assert_eq!(key(&first.stderr), key(&again.stderr));
+        assert!(
+            key(&first.stderr).ends_with(" (2 vars)"),
+            "{}",
+            first.stderr
+        );
+        let other = execute(&conn, &command_env(ask, &[("X", "1"), ("Y", "3")]));
+        assert!(other.stderr.contains("X=1 Y=3"), "{}", other.stderr);
+        assert_ne!(probe_pid(&other), pid);
+        assert_ne!(key(&other.stderr), key(&first.stderr));
+        let back = execute(&conn, &command_env(ask, &[("X", "1"), ("Y", "2")]));
+        assert_eq!(probe_pid(&back), pid, "{}", back.stderr);
+        let started = std::fs::read_to_string(&starts).unwrap().lines().count();
+        assert_eq!(started, 2, "one child per environment");
+    });
+}
+
+#[test]
+fn a_child_is_replaced_after_max_requests_per_child() {
+    within(Duration::from_secs(60), || {
+        for mode in ["--concurrency", "--multiplex"] {
+            let (_d, dir) = tempdir();
+            let mut args = vec![
+                "--concurrency",
+                "1",
+                "--child-protocol",
+                "json",
+                "--max-requests-per-child",
+                "3",
+            ];
+            if mode == "--multiplex" {
+                args.push(mode);
+            }
+            let mut bridge = Bridge::start(&dir, &args, &["python3", &probe()]);
+            let conn = bridge.connect();
+            let pids: Vec<u32> = (0..7)
+                .map(|_| probe_pid(&execute(&conn, &command(&["env", "PATH"]))))
+                .collect();
+            let (a, b, c) = (pids[0], pids[3], pids[6]);
+            assert_eq!(pids, [a, a, a, b, b, b, c], "{mode}");
+            assert!(a != b && b != c && a != c, "{mode}: {pids:?}");
+            bridge.expect_line("--max-requests-per-child", Duration::from_secs(10));
+            expect_gone(a, Duration::from_secs(10));
+            expect_gone(b, Duration::from_secs(10));
+        }
+    });
+}
+
+#[test]
+fn a_child_over_max_child_rss_finishes_its_request_and_is_replaced() {
+    within(Duration::from_secs(60), || {
+        for mode in ["--concurrency", "--multiplex"] {
+            let (_d, dir) = tempdir();
+            let mut args = vec![
+                "--concurrency",
+                "1",
+                "--child-protocol",
+                "json",
+                "--max-child-rss-mib",
+                "64",
+            ];
+            if mode == "--multiplex" {
+                args.push(mode);
+            }
+            let mut bridge = Bridge::start(&dir, &args, &["python3", &probe()]);
+            let conn = bridge.connect();
+            let small = command(&["grow", "1"]);
+            let a = probe_pid(&execute(&conn, &small));
+            assert_eq!(probe_pid(&execute(&conn, &small)), a, "{mode}");
+            // This request grows the child past the limit; it still gets
+            // its answer from that child.
+            let big = execute(&conn, &command(&["grow", "100"]));
+            assert!(big.stderr.contains("grew 100 MiB"), "{}", big.stderr);
+            assert_eq!(probe_pid(&big), a, "{mode}");
+            let line = bridge.expect_line("over --max-child-rss-mib 64", Duration::from_secs(10));
+            assert!(line.contains(&format!("child pid {a}")), "{line}");
+            let b = probe_pid(&execute(&conn, &small));
+            assert_ne!(b, a, "{mode}: a fresh child after the limit");
+            expect_gone(a, Duration::from_secs(10));
+            assert_eq!(probe_pid(&execute(&conn, &small)), b, "{mode}");
+        }
     });
 }

@@ -13,13 +13,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use super::env_key::EnvKey;
 use crate::bazel::WireFormat;
 use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::request::lock;
@@ -43,6 +44,9 @@ pub struct Spec {
     pub protocol: WireFormat,
     pub max_message_bytes: usize,
     pub cwd: PathBuf,
+    /// Variables set on top of the bridge's environment: the key of the
+    /// requests this child serves.
+    pub env: EnvKey,
 }
 
 impl Spec {
@@ -98,8 +102,10 @@ fn spawn_process(spec: &Spec) -> std::io::Result<std::process::Child> {
         .args(args)
         .arg("--persistent_worker")
         .current_dir(&spec.cwd)
+        .envs(spec.env.vars().iter().map(|(k, v)| (k, v)))
         // The socket is the bridge's: a child that also speaks Buck2's
-        // protocol (this very binary does) would take it as its own.
+        // protocol (this very binary does) would take it as its own. This
+        // comes after the request's variables, so it wins over them too.
         .env_remove("WORKER_SOCKET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -143,6 +149,13 @@ pub struct Child {
     stderr_done: Receiver<()>,
     /// The child answered at least one request: it started properly.
     answered: AtomicBool,
+    /// The bridge's bookkeeping, changed only under its lock: requests
+    /// given to this child (for `--max-requests-per-child`), requests
+    /// waiting on it, and whether it takes no new ones and stops once those
+    /// are done.
+    pub assigned: AtomicU64,
+    pub in_flight: AtomicUsize,
+    pub draining: AtomicBool,
 }
 
 impl Child {
@@ -169,6 +182,9 @@ impl Child {
             tail: Mutex::default(),
             stderr_done,
             answered: AtomicBool::new(false),
+            assigned: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         });
         if let Some(stderr) = stderr {
             let relay = Arc::clone(&child);
@@ -202,6 +218,11 @@ impl Child {
     /// answer counts as one that could not start.
     pub fn answered(&self) -> bool {
         self.answered.load(Ordering::SeqCst)
+    }
+
+    /// The environment key of the requests this child serves.
+    pub fn env_key(&self) -> &EnvKey {
+        &self.spec.env
     }
 
     pub fn is_dead(&self) -> bool {
