@@ -11,7 +11,8 @@
 //!   - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
 //!   - [`oneshot`]: one request from the command line, then exit.
 //! - [`pool`]: the thread pool all front ends dispatch into, and `run`, the
-//!   single place a request executes (argfiles expanded, panics contained).
+//!   single place a request executes (argfiles expanded, panics contained);
+//!   its idle-thread policy, tickets and timer are files of their own.
 //! - [`request`]: the protocol-independent request, response, cancellation
 //!   token, and the [`request::Handler`] trait a tool implements.
 //! - [`argfile`]: `@file` / `--flagfile=file` expansion.
