@@ -6,12 +6,15 @@
 //! - [`command`]: `ExecuteCommand` → request (no gRPC; fuzzed).
 //! - [`calls`]: Execute, Exec and ExecuteStream as futures that move messages
 //!   between gRPC and the pool.
+//! - `mailbox`: what a call shares with the pool threads running its
+//!   requests (its sink, and what they finished).
 //! - [`socket`]: path checks, long paths, mode 0600, removal.
 //! - [`lifecycle`]: signals, parent death, in-flight tracking for shutdown.
 
 pub mod calls;
 pub mod command;
 pub mod lifecycle;
+mod mailbox;
 pub mod service;
 pub mod socket;
 
