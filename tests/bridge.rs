@@ -4,12 +4,13 @@
 //! the Buck2 front end by a grpcio client and `worker-client`, and through the
 //! Bazel front end.
 
+mod common;
 mod grpc_support;
+use common::buck2::Buck2Worker;
 use grpc_support::{env, wait, within};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,19 +26,6 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
 
 fn testdata(name: &str) -> String {
     format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Processes (other than `except`) whose working directory is `dir`: each
@@ -153,113 +141,46 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// A bridge serving Buck2 on a socket, its stderr read line by line.
+/// A bridge in its own directory, where its children run too.
 struct Bridge {
-    child: Child,
+    worker: Buck2Worker,
     dir: PathBuf,
-    socket: PathBuf,
-    lines: Receiver<String>,
-    log: Vec<String>,
 }
 
 impl Bridge {
     /// `args` are the bridge's options; `command` the child's.
     fn start(dir: &Path, args: &[&str], command: &[&str]) -> Bridge {
-        let socket = dir.join("socket");
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--bridge")
-            .arg("--")
-            .args(command)
-            .env("WORKER_SOCKET", &socket)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the bridge");
-        let lines = read_lines(child.stderr.take().expect("piped stderr"));
-        let mut bridge = Bridge {
-            child,
+        let mut all = args.to_vec();
+        all.extend(["--bridge", "--"]);
+        all.extend(command);
+        Bridge {
+            worker: Buck2Worker::start(dir, &all),
             dir: dir.to_path_buf(),
-            socket,
-            lines,
-            log: Vec::new(),
-        };
-        bridge.expect_line("listening on", Duration::from_secs(10));
-        bridge
+        }
     }
 
     fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
-        self.expect_lines(needle, 1, limit)
+        self.worker.expect_line(needle, limit)
     }
 
-    /// Waits until `count` lines of stderr contain `needle`; returns the last.
     fn expect_lines(&mut self, needle: &str, count: usize, limit: Duration) -> String {
-        let mut seen: Vec<&String> = self.log.iter().filter(|l| l.contains(needle)).collect();
-        if seen.len() >= count {
-            return seen[count - 1].clone();
-        }
-        let mut found = seen.len();
-        seen.clear();
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        found += 1;
-                        if found == count {
-                            return line;
-                        }
-                    }
-                }
-                Err(e) => panic!(
-                    "{found} of {count} stderr lines containing {needle:?} ({e:?}); stderr so far:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
+        self.worker.expect_lines(needle, count, limit)
     }
 
     fn connect(&self) -> Connection {
-        service::connect(env(), &self.socket).expect("connecting")
+        service::connect(env(), self.worker.socket()).expect("connecting")
     }
 
     fn children(&self) -> Vec<u32> {
-        processes_in(&self.dir, self.child.id())
+        processes_in(&self.dir, self.worker.pid())
     }
 
     fn signal(&self, signal: i32) {
-        // SAFETY: sends a signal to our own child process.
-        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
-        assert_eq!(rc, 0, "kill failed");
+        self.worker.signal(signal);
     }
 
-    /// Waits for the bridge to exit, reading the rest of its stderr.
-    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.log.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("bridge did not exit; stderr:\n{}", self.log.join("\n"))
-                }
-            }
-        }
-        let status = self.child.wait().expect("waiting for the bridge");
-        (status, std::mem::take(&mut self.log))
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn finish(self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        self.worker.finish(limit)
     }
 }
 
@@ -452,7 +373,6 @@ fn a_multiplex_child_of_either_protocol_serves_every_request() {
             let mut ids = Vec::new();
             for _ in 0..4 {
                 let line = bridge.expect_line("input(s), verbosity", Duration::from_secs(10));
-                bridge.log.retain(|l| l != &line);
                 let id: i32 = line
                     .split("worker: request ")
                     .nth(1)

@@ -2,12 +2,13 @@
 //! commands, protocol misuse on `Exec`, idle and vanishing clients. Each case
 //! drives the real binary over its real socket with a grpcio client.
 
+mod common;
 mod grpc_support;
+use common::buck2::Buck2Worker;
+use common::lines::Lines;
 use grpc_support::{env, wait, within};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,6 @@ use persistent_worker::proto::worker::{
     ExecuteResponse,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
-
 /// Set in the environment of the child process that plays a client which
 /// gets killed mid-call; the value is the worker's socket.
 const KILLED_CLIENT_SOCKET: &str = "BUCK2_HOSTILE_KILLED_CLIENT_SOCKET";
@@ -32,62 +31,16 @@ fn opt() -> CallOption {
 
 const SHORT: Duration = Duration::from_secs(10);
 
-struct Worker {
-    child: Child,
-    socket: PathBuf,
-    lines: Receiver<String>,
-    log: Vec<String>,
-}
+/// The worker under test; see `common::buck2` for how it starts and ends.
+type Worker = Buck2Worker;
 
-impl Worker {
-    fn start(dir: &Path, args: &[&str]) -> Worker {
-        let socket = dir.join("socket");
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("WORKER_SOCKET", &socket)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the worker");
-        let lines = read_lines(child.stderr.take().expect("piped stderr"));
-        let mut worker = Worker {
-            child,
-            socket,
-            lines,
-            log: Vec::new(),
-        };
-        worker.expect_line("listening on", SHORT);
-        worker
-    }
-
-    /// Waits for a new stderr line containing `needle` (lines already seen
-    /// by an earlier wait count too, each at most once).
-    fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
-        if let Some(i) = self.log.iter().position(|l| l.contains(needle)) {
-            return self.log.remove(i);
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => self.log.push(line),
-                Err(e) => panic!(
-                    "no stderr line containing {needle:?} ({e:?}); stderr so far:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
+impl Buck2Worker {
     fn connect(&self) -> Connection {
-        service::connect(env(), &self.socket).expect("connecting")
+        service::connect(env(), self.socket()).expect("connecting")
     }
 
     fn proc_count(&self, what: &str) -> usize {
-        let pid = self.child.id();
+        let pid = self.pid();
         match what {
             "fd" => std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .expect("reading /proc fd")
@@ -102,26 +55,6 @@ impl Worker {
             }
         }
     }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn command(argv: &[&str]) -> ExecuteCommand {
@@ -303,7 +236,7 @@ fn a_thousand_idle_calls_do_not_stop_another_client_and_are_freed() {
     within(Duration::from_secs(90), || {
         let d = tempfile::tempdir().unwrap();
         // One pool thread: an idle call must hold no pool slot.
-        let worker = Worker::start(d.path(), &["--verbose", "--concurrency", "1"]);
+        let mut worker = Worker::start(d.path(), &["--verbose", "--concurrency", "1"]);
         let threads_before = worker.proc_count("threads");
         let fds_before = worker.proc_count("fd");
 
@@ -348,7 +281,7 @@ fn a_thousand_idle_calls_do_not_stop_another_client_and_are_freed() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while ended.len() < IDLE_CALLS {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = worker.lines.recv_timeout(left).unwrap_or_else(|e| {
+            let line = worker.lines.next_line(left).unwrap_or_else(|e| {
                 panic!("{} of {IDLE_CALLS} idle calls ended ({e:?})", ended.len())
             });
             let is_end = ["ended by the client", "could not finish", "rejected"]
@@ -471,17 +404,17 @@ fn a_client_killed_mid_execute_stream_has_its_requests_cancelled() {
                 "--test-threads",
                 "1",
             ])
-            .env(KILLED_CLIENT_SOCKET, &worker.socket)
+            .env(KILLED_CLIENT_SOCKET, worker.socket())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning the client process");
-        let out = read_lines(client.stdout.take().unwrap());
+        let mut out = Lines::of(vec![Box::new(client.stdout.take().unwrap())]);
         let ready = Instant::now() + SHORT;
         loop {
             let left = ready.saturating_duration_since(Instant::now());
-            match out.recv_timeout(left) {
+            match out.next_line(left) {
                 Ok(line) if line.contains("KILLED-CLIENT-SENT") => break,
                 Ok(_) => {}
                 Err(e) => {

@@ -1,13 +1,15 @@
 //! The Buck2 mode end to end: the real binary serving on a real Unix socket,
 //! driven by a grpcio client through the crate's public method descriptors.
 
+mod common;
 mod grpc_support;
+use common::buck2::Buck2Worker;
+use common::lines::Lines;
 use grpc_support::{env, wait, within};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,114 +24,15 @@ use persistent_worker::proto::worker::{
     ExecuteResponse,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
+use common::BIN;
 
-/// A worker process with its stderr (and any stray stdout, which a tool may
-/// write to mark where it is) read line by line.
-struct Worker {
-    child: Child,
-    socket: PathBuf,
-    lines: Receiver<String>,
-    log: Vec<String>,
-}
+/// The worker under test; see `common::buck2` for how it starts and ends.
+type Worker = Buck2Worker;
 
-impl Worker {
-    fn start(dir: &Path, args: &[&str]) -> Worker {
-        Worker::start_at(dir, &dir.join("socket"), args)
-    }
-
-    fn start_at(dir: &Path, socket: &Path, args: &[&str]) -> Worker {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("WORKER_SOCKET", socket)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the worker");
-        let (tx, lines) = channel();
-        read_lines(child.stderr.take().expect("piped stderr"), tx.clone());
-        read_lines(child.stdout.take().expect("piped stdout"), tx);
-        let mut worker = Worker {
-            child,
-            socket: socket.to_path_buf(),
-            lines,
-            log: Vec::new(),
-        };
-        worker.expect_line("listening on", Duration::from_secs(10));
-        worker
-    }
-
-    /// Waits for a stderr line containing `needle`, returning it.
-    fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
-        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "no stderr line containing {needle:?} ({e:?}); stderr so far:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
+impl Buck2Worker {
     fn connect(&self, env: Arc<Environment>) -> Connection {
-        service::connect(env, &self.socket).expect("connecting")
+        service::connect(env, self.socket()).expect("connecting")
     }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: sends a signal to our own child process.
-        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    /// Waits for the process to exit, reading the rest of its stderr.
-    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.log.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("worker did not exit; stderr:\n{}", self.log.join("\n"))
-                }
-            }
-        }
-        let status = self.child.wait().expect("waiting for the worker");
-        (status, std::mem::take(&mut self.log))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_lines(stream: impl Read + Send + 'static, tx: Sender<String>) {
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 fn command(argv: &[&str]) -> ExecuteCommand {
@@ -164,7 +67,7 @@ fn execute_writes_the_file_and_prefixes_stderr_with_the_identity() {
         let first = format!(
             "Buck2 persistent worker {} {} {}\n",
             hostname(),
-            worker.child.id(),
+            worker.pid(),
             dir.display()
         );
         assert!(response.stderr.starts_with(&first), "{:?}", response.stderr);
@@ -542,7 +445,7 @@ fn socket_is_created_with_mode_0600() {
     within(Duration::from_secs(30), || {
         let d = tempfile::tempdir().unwrap();
         let worker = Worker::start(d.path(), &[]);
-        let meta = std::fs::symlink_metadata(&worker.socket).unwrap();
+        let meta = std::fs::symlink_metadata(worker.socket()).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     });
@@ -672,7 +575,7 @@ fn another_user_cannot_connect_to_the_socket() {
         }
         let worker = Worker::start(d.path(), &[]);
         assert_eq!(
-            connect_as_stranger(&worker.socket),
+            connect_as_stranger(worker.socket()),
             Probe::Refused(libc::EACCES),
             "another user reached the worker's socket"
         );
@@ -807,7 +710,7 @@ fn sigterm_answers_the_request_in_flight_removes_the_socket_and_exits_0() {
         let response = wait(call, Duration::from_secs(10)).unwrap();
         assert_eq!(response.exit_code, 0, "{}", response.stderr);
         assert!(d.path().join("in-flight").exists());
-        let socket = worker.socket.clone();
+        let socket = worker.socket().to_path_buf();
         let (status, log) = worker.finish(Duration::from_secs(10));
         assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
         assert!(!socket.exists(), "socket left behind");
@@ -886,40 +789,21 @@ fn the_worker_exits_when_its_parent_dies() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut pid = String::new();
-        BufReader::new(parent.stdout.take().unwrap())
-            .read_line(&mut pid)
-            .unwrap();
+        let pid = Lines::of(vec![Box::new(parent.stdout.take().unwrap())])
+            .next_line(Duration::from_secs(10))
+            .expect("worker pid");
         let pid: i32 = pid.trim().parse().expect("worker pid");
-        let (tx, lines) = channel();
-        read_lines(parent.stderr.take().unwrap(), tx);
-        let mut log = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("start-up line");
-            let started = line.contains("listening on");
-            log.push(line);
-            if started {
-                break;
-            }
-        }
+        let mut lines = Lines::of(vec![Box::new(parent.stderr.take().unwrap())]);
+        lines.expect_line("listening on", Duration::from_secs(10));
         parent.kill().unwrap();
         parent.wait().unwrap();
         // The worker holds the other end of the stderr pipe until it exits.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => log.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    // SAFETY: cleaning up the orphan we could not stop.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    panic!("worker {pid} outlived its parent:\n{}", log.join("\n"));
-                }
-            }
+        if !lines.until_closed(Duration::from_secs(10)) {
+            // SAFETY: cleaning up the orphan we could not stop.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("worker {pid} outlived its parent:\n{}", lines.text());
         }
+        let log = lines.log();
         assert!(
             log.iter().any(|l| l.contains("parent process")),
             "{}",
@@ -959,39 +843,22 @@ sys.stdin.read()  # the parent lives until the test closes stdin
             .stderr(Stdio::piped())
             .spawn()
             .expect("python3 runs the parent");
-        let (tx, lines) = channel();
-        read_lines(parent.stderr.take().unwrap(), tx);
+        let mut lines = Lines::of(vec![Box::new(parent.stderr.take().unwrap())]);
         let mut stdin = parent.stdin.take().unwrap();
-        let mut log = Vec::new();
-        let wait_for = |needle: &str, log: &mut Vec<String>| loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}\n{}", log.join("\n")));
-            let found = line.contains(needle);
-            log.push(line);
-            if found {
-                return;
-            }
-        };
-        wait_for("listening on", &mut log);
+        let wait = Duration::from_secs(10);
+        lines.expect_line("listening on", wait);
         stdin.write_all(b"thread may exit\n").unwrap();
         stdin.flush().unwrap();
-        wait_for("watching the parent by polling", &mut log);
+        lines.expect_line("watching the parent by polling", wait);
         assert!(
             socket.exists(),
             "the worker stopped after its thread exited"
         );
         drop(stdin);
         parent.wait().unwrap();
-        wait_for("parent process", &mut log);
-        loop {
-            match lines.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) => log.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("worker outlived its parent:\n{}", log.join("\n"))
-                }
-            }
+        lines.expect_line("parent process", wait);
+        if !lines.until_closed(wait) {
+            panic!("worker outlived its parent:\n{}", lines.text());
         }
         assert!(!socket.exists(), "socket left behind");
     });
@@ -1041,7 +908,7 @@ fn bench_buck2() {
         }
 
         let worker = Worker::start(d.path(), &["--concurrency", "4"]);
-        let idle_rss = rss_kib(worker.child.id());
+        let idle_rss = rss_kib(worker.pid());
         let noop = command(&["/dev/null"]);
         let conn = worker.connect(env());
         let client = conn.client();
@@ -1082,7 +949,7 @@ fn bench_buck2() {
                 .collect();
             let total: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
             let rate = total as f64 / began.elapsed().as_secs_f64();
-            throughput.push((concurrency, rate, rss_kib(worker.child.id())));
+            throughput.push((concurrency, rate, rss_kib(worker.pid())));
         }
 
         println!(
@@ -1192,7 +1059,7 @@ fn sigterm_under_load_answers_every_accepted_call_and_exits_0() {
             done >= 2 && cancelled >= 1,
             "{done} done, {cancelled} cancelled"
         );
-        let socket = worker.socket.clone();
+        let socket = worker.socket().to_path_buf();
         let (status, log) = worker.finish(Duration::from_secs(10));
         assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
         assert!(!socket.exists(), "socket left behind");

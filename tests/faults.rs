@@ -6,7 +6,6 @@ mod common;
 mod fault_support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use common::lines::Lines;
 use common::{request, Worker, BIN, WAIT};
 use fault_support::{alive, threads_and_rss};
 
@@ -173,36 +173,6 @@ fn write_then_close(
     rx
 }
 
-/// Lines of `stream` on a channel, read on a thread of their own.
-fn lines_of(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits, bounded, for a line containing `needle`; every line read is kept
-/// in `log`.
-fn expect_line(lines: &Receiver<String>, log: &mut Vec<String>, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match lines.recv_deadline(deadline) {
-            Ok(line) => {
-                log.push(line.clone());
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-            Err(e) => panic!("no line with {needle:?} ({e}); so far:\n{}", log.join("\n")),
-        }
-    }
-}
-
 /// Waits up to `limit` for process `pid` (not necessarily our child) to
 /// exit, woken by the kernel through a pidfd rather than by polling.
 /// Returns whether it exited in time.
@@ -258,15 +228,14 @@ fn worker_dies_with_its_parent(script: &str, ready: &str, dir: &Path) {
         .expect("spawn sh");
     // Taken out of `shell`, whose `wait` would otherwise close it.
     let held_stdin = shell.stdin.take().expect("stdin pipe");
-    let stdout = lines_of(shell.stdout.take().unwrap());
-    let stderr = lines_of(shell.stderr.take().unwrap());
-    let mut log = Vec::new();
+    let mut stdout = Lines::of(vec![Box::new(shell.stdout.take().unwrap())]);
+    let mut stderr = Lines::of(vec![Box::new(shell.stderr.take().unwrap())]);
     let line = stdout
-        .recv_timeout(WAIT)
+        .next_line(WAIT)
         .unwrap_or_else(|e| panic!("no pid from the shell within {WAIT:?}: {e}"));
     let pid: i32 = line.trim().parse().expect("pid from the shell");
-    expect_line(&stderr, &mut log, ready);
-    assert!(alive(pid), "worker exited on its own: {}", log.join("\n"));
+    stderr.expect_line(ready, WAIT);
+    assert!(alive(pid), "worker exited on its own: {}", stderr.text());
     let parent = shell.id();
     shell.kill().expect("kill the parent");
     let _ = shell.wait();
@@ -282,11 +251,11 @@ fn worker_dies_with_its_parent(script: &str, ready: &str, dir: &Path) {
         gone && gone_after < Duration::from_secs(1),
         "worker {} {gone_after:?} after its parent was killed; log:\n{}",
         if gone { "exited" } else { "still running" },
-        log.join("\n")
+        stderr.text()
     );
     // The worker's exit closes the last copy of stderr.
     let said = format!("persistent-worker: parent process {parent} exited; stopping");
-    expect_line(&stderr, &mut log, &said);
+    stderr.expect_line(&said, WAIT);
     drop(held_stdin);
 }
 

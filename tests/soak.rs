@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+use common::buck2::Buck2Worker;
 use common::{cancel, request, Worker};
 use fault_support::threads_and_rss;
 
@@ -196,8 +197,6 @@ fn soak_buck2_execute_from_16_clients() {
     use grpcio::{CallOption, Environment};
     use persistent_worker::buck2::service::{self, EXECUTE};
     use persistent_worker::proto::worker::ExecuteCommand;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicI32, Ordering};
     use std::sync::Arc;
 
@@ -205,36 +204,8 @@ fn soak_buck2_execute_from_16_clients() {
     let n = requests();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("socket");
-    let mut child = Command::new(common::BIN)
-        .args(["--concurrency", "8"])
-        .env("WORKER_SOCKET", &socket)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the worker");
-    let pid = child.id() as i32;
-    let (ready_tx, ready) = crossbeam_channel::bounded(1);
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
-    ready
-        .recv_timeout(common::WAIT)
-        .expect("worker did not start listening");
+    let worker = Buck2Worker::start_at(dir.path(), &socket, &["--concurrency", "8"]);
+    let pid = worker.pid() as i32;
 
     let answered = Arc::new(AtomicI32::new(0));
     // Each client reports when it is a tenth of the way through.
@@ -308,8 +279,6 @@ fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
     use persistent_worker::buck2::service::{self, EXECUTE_STREAM};
     use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream};
     use std::collections::HashSet;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use std::sync::Arc;
 
     fn wait<F: std::future::Future + Unpin>(mut future: F) -> F::Output {
@@ -321,36 +290,8 @@ fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
     let n = requests();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("socket");
-    let mut child = Command::new(common::BIN)
-        .args(["--concurrency", "8"])
-        .env("WORKER_SOCKET", &socket)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the worker");
-    let pid = child.id() as i32;
-    let (ready_tx, ready) = crossbeam_channel::bounded(1);
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
-    ready
-        .recv_timeout(common::WAIT)
-        .expect("worker did not start listening");
+    let worker = Buck2Worker::start_at(dir.path(), &socket, &["--concurrency", "8"]);
+    let pid = worker.pid() as i32;
     let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
 
     let mut rng = Lcg(0xd20b5);

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod buck2;
+pub mod lines;
+
 use std::fmt::Debug;
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
