@@ -206,6 +206,11 @@ mod tests {
     use crossbeam_channel::{bounded, unbounded};
     use std::path::PathBuf;
 
+    /// The requests' timeout. The job must have started by then, or it is
+    /// answered as stopped before its tool ran: on a loaded 2-core machine a
+    /// new pool thread took longer than 20 ms to run it, one run in five.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
     fn request(args: &[&str]) -> Request {
         Request::new(
             args.iter().map(|s| s.to_string()).collect(),
@@ -224,7 +229,7 @@ mod tests {
             Response::ok("finished late")
         };
         let req = request(&[]);
-        req.cancel.set_timeout(Duration::from_millis(20));
+        req.cancel.set_timeout(TIMEOUT);
         let (done_tx, done_rx) = unbounded::<Response>();
         pool.submit(Arc::new(stubborn), req, Pace::Free, move |r| {
             done_tx.send(r).unwrap()
@@ -247,7 +252,7 @@ mod tests {
             Ok(()) => Response::ok("slept"),
         };
         let req = request(&[]);
-        req.cancel.set_timeout(Duration::from_millis(20));
+        req.cancel.set_timeout(TIMEOUT);
         let (done_tx, done_rx) = unbounded::<Response>();
         pool.submit(Arc::new(polite), req, Pace::Free, move |r| {
             done_tx.send(r).unwrap()
