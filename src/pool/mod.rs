@@ -11,8 +11,8 @@
 //!
 //! - `idle`: how a thread waits for its next job (awake, looking out, asleep)
 //!   and when a queued job wakes a sleeper, with the tuning constants and the
-//!   measurements behind them. The queue calls it at three points: a job
-//!   queued, a job finished, the queue closed.
+//!   measurements behind them. The pool calls it at four points: a thread
+//!   started, a job queued, a job finished, the queue closed.
 //! - `ticket`: one submitted request's answer, given exactly once by the pool
 //!   thread or, early, by the timer; the stuck-thread count and its logs.
 //! - `timer`: the thread that answers late requests at their instant.
