@@ -46,3 +46,4 @@ pub mod process;
 pub mod proto;
 pub mod quote;
 pub mod request;
+pub mod sched;

@@ -47,6 +47,17 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
             return ExitCode::from(2);
         }
     };
+    // Before any thread starts: threads inherit the slice.
+    if !options.slice.is_zero() {
+        if let Err(e) = crate::sched::request_slice(options.slice) {
+            if options.verbose {
+                crate::elog!(
+                    "persistent-worker: the kernel's default time slice kept ({} µs asked: {e})",
+                    options.slice.as_micros()
+                );
+            }
+        }
+    }
     // Before any request runs: every front end expands through `pool::run`.
     crate::argfile::set_max_bytes(options.max_argfile_bytes);
     let handler = make_handler(&options);
