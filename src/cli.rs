@@ -104,6 +104,9 @@ pub struct BridgeOptions {
     pub recycle: Recycle,
 }
 
+// Parsed once per process and matched at once: boxing `Options` would save
+// nothing and cost every caller a dereference.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(Options),
