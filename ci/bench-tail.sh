@@ -58,6 +58,7 @@ raw="$work/raw.tsv"
 
 measure() {
   local load=$1 round b protocol python
+  shift
   for ((round = 1; round <= rounds; round++)); do
     for protocol in ${TAIL_PROTOCOLS:-bazel buck2}; do
       python=$work/python-grpc
@@ -78,7 +79,7 @@ measure() {
         python3 -c 'import json, sys
 d = json.load(open(sys.argv[1]))
 if d["failed"]:
-    sys.exit(f"{d[\"failed\"]} request(s) failed")
+    sys.exit(str(d["failed"]) + " request(s) failed")
 l = d["latency_ms"]
 print("\t".join(sys.argv[2:5] + [str(l[k] * 1000) for k in ("mean", "p50", "p99", "p999")]
                 + [str(l["over_2ms_share"]), str(d["requests"])]))' \
