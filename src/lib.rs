@@ -36,8 +36,9 @@
 //! Beside the path: [`proto`] (messages generated from `protos/`), [`quote`]
 //! (client text in error messages, shortened).
 //!
-//! Outside the library: `src/bin/worker-client/` drives any worker the way
-//! Bazel, Buck2 and a remote executor do, and benchmarks it;
+//! Outside the library: `worker-client/`, the workspace's second crate,
+//! drives any worker the way Bazel, Buck2 and a remote executor do, and
+//! benchmarks it, taking its wire (framing, codecs, protos) from here;
 //! `examples/concat_worker.rs` is a second tool built on [`modes::run_main`].
 //!
 //! # A tool as a worker

@@ -4,6 +4,7 @@
 //! the Buck2 front end by a grpcio client and `worker-client`, and through the
 //! Bazel front end.
 
+mod client_support;
 mod common;
 mod grpc_support;
 use common::buck2::Buck2Worker;
@@ -22,7 +23,6 @@ use persistent_worker::proto::worker::{ExecuteCommand, ExecuteCommandStream, Exe
 use persistent_worker::proto::worker_protocol::WorkRequest;
 
 const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
-const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
 
 fn testdata(name: &str) -> String {
     format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -800,7 +800,7 @@ fn bazel_front_end_serves_four_multiplex_requests_with_four_singleplex_children(
 fn worker_client_buck2_drives_the_bridge() {
     within(Duration::from_secs(60), || {
         let (_d, dir) = tempdir();
-        let output = Command::new(CLIENT)
+        let output = Command::new(client_support::client_binary())
             .args(["buck2", "--stream", "--concurrency", "4", "--repeat", "8"])
             .args(["--request", "out{n}", "--"])
             .args([BIN, "--concurrency", "4", "--bridge", "--", BIN])

@@ -3,11 +3,53 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-pub const CLIENT: &str = env!("CARGO_BIN_EXE_worker-client");
+/// `worker-client` is its own crate in this workspace, and Cargo hands a test
+/// only its own package's binaries; the shared target directory puts the
+/// client beside the worker. `cargo test` at the root builds both; a run of
+/// one test file (`cargo test --test NAME`) builds only this package, so the
+/// first test that needs the client builds it, once.
+pub fn client_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let path = Path::new(env!("CARGO_BIN_EXE_persistent-worker")).with_file_name("worker-client");
+    let built = BUILT.get_or_init(|| {
+        if path.is_file() {
+            return Ok(path.clone());
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "worker-client"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .spawn()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        // Bounded like every wait here: a first build of the client alone
+        // takes about a minute on 2 cores (the worker's build made the rest).
+        let pid = build.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(build.wait());
+        });
+        let Ok(Ok(status)) = rx.recv_timeout(Duration::from_secs(1200)) else {
+            // SAFETY: signals the cargo process this function started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            return Err("`cargo build -p worker-client` did not finish in 20 minutes".to_owned());
+        };
+        if status.success() && path.is_file() {
+            Ok(path.clone())
+        } else {
+            Err(format!(
+                "`cargo build -p worker-client` did not give {}",
+                path.display()
+            ))
+        }
+    });
+    built
+        .clone()
+        .unwrap_or_else(|e| panic!("worker-client: {e}"))
+}
 
 /// Every run is bounded: a client that hangs is killed and the test fails.
 pub const LIMIT: Duration = Duration::from_secs(60);
@@ -19,7 +61,7 @@ pub struct Run {
 }
 
 pub fn client(args: &[&str], cwd: &Path) -> Run {
-    let child = Command::new(CLIENT)
+    let child = Command::new(client_binary())
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())

@@ -5,7 +5,8 @@
 //!   conformance checks every stdio mode shares.
 //! - [`remote`]: the same protocol as a BuildBuddy-style executor speaks it.
 //! - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
-//! - [`bench`](mod@bench): timing any of the three.
+//! - [`bench`](mod@bench): timing any of the three, recording into a
+//!   [`measurement`] (latencies, memory, percentiles).
 //! - [`requests`], [`child`], [`digest`]: request lists, worker processes,
 //!   SHA-256 for input digests.
 
@@ -15,6 +16,7 @@ mod buck2;
 mod child;
 mod digest;
 mod engine;
+mod measurement;
 mod remote;
 mod requests;
 

@@ -26,8 +26,8 @@ use persistent_worker::proto::worker::{
     ExecuteResponse,
 };
 
-use crate::bench::Measurement;
 use crate::child::{self, block, Tail};
+use crate::measurement::{self, Measurement};
 use crate::{bazel, requests, Failure, Mode, Options, Outcome, Rpc};
 
 /// Buck2's connection timing (`app/buck2_execute_impl/src/executors/worker.rs`).
@@ -566,11 +566,11 @@ pub fn bench(options: &Options, requests: usize) -> Result<Measurement, Failure>
     };
     send_all(&mut worker, &warm, 0, 1, &mut |_| {})?;
     let startup = worker.spawned.elapsed();
-    let idle = crate::bench::memory(worker.child.id());
+    let idle = measurement::memory(worker.child.id());
     let start = Instant::now();
     let answers = send_all(&mut worker, options, 1, requests, &mut |_| {})?;
     let elapsed = start.elapsed();
-    let memory = crate::bench::memory_now(worker.child.id(), idle);
+    let memory = measurement::memory_now(worker.child.id(), idle);
     worker.stop();
     let transport = format!("grpc {}", options.rpc.name());
     let mut m = Measurement::new(Mode::Buck2, &transport, options.concurrency);
