@@ -237,8 +237,8 @@ pub fn core(ctx: &Ctx) -> Vec<Row> {
     // Stray bytes anywhere on stdout, for proto.stdout.
     let mut stray: Option<(String, String, String)> = None;
     let inst = ctx.request();
-    let first = request(&inst.args, 0);
-    let seen = exchange(&mut worker, std::slice::from_ref(&first), timeout);
+    let first_request = request(&inst.args, 0);
+    let seen = exchange(&mut worker, std::slice::from_ref(&first_request), timeout);
     let note_stray = |seen: &Seen, sent: &str, stray: &mut Option<(String, String, String)>| {
         if stray.is_none() {
             if let Some(what) = seen.stray() {
@@ -246,7 +246,7 @@ pub fn core(ctx: &Ctx) -> Vec<Row> {
             }
         }
     };
-    note_stray(&seen, &show_request(&first), &mut stray);
+    note_stray(&seen, &show_request(&first_request), &mut stray);
     let roundtrip = match seen.responses.first() {
         Some((r, _)) if r.request_id != 0 => Err(format!(
             "answered request 0 with request_id {}",
@@ -270,7 +270,7 @@ pub fn core(ctx: &Ctx) -> Vec<Row> {
             startup
         }
         Err(why) => {
-            let ev = evidence(&worker, show_request(&first), show_seen(&seen, timeout));
+            let ev = evidence(&worker, show_request(&first_request), show_seen(&seen, timeout));
             rows.push(Row::new("proto.roundtrip", Feature::Proto, Verdict::Broken, why).with(ev));
             unjudged_rows(&mut rows, &later[..2], "the round trip failed");
             rows.push(stdout_row(stray, &worker));
