@@ -5,8 +5,8 @@
 //!   conformance checks every stdio mode shares.
 //! - [`remote`]: the same protocol as a BuildBuddy-style executor speaks it.
 //! - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
-//! - [`bench`]: timing any of the three.
-//! - [`check`]: a conformance report card built from all of the above.
+//! - [`bench`](mod@bench): timing any of the three.
+//! - [`check`](mod@check): a conformance report card built from all of the above.
 //! - [`requests`], [`child`], [`digest`]: request lists, worker processes,
 //!   SHA-256 for input digests.
 
