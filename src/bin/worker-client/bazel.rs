@@ -516,11 +516,6 @@ impl StdioWorker {
         }
     }
 
-    /// The protocol-violation failure for a broken stdout, as `drive` reports it.
-    pub fn broken_stream(&mut self, error: &str, shown: &[u8]) -> Failure {
-        self.broken(error, shown)
-    }
-
     fn timed_out(&mut self, id: i32, timeout: Duration) -> Failure {
         let pid = self.pid();
         child::kill(&mut self.child);

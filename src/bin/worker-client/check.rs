@@ -119,9 +119,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Check>, String> {
             }
             Long("json-flag") => c.json_flag = requests::split(&text(&mut parser)?),
             Long("bridge-binary") => {
-                c.bridge_binary = Some(PathBuf::from(
-                    parser.value().map_err(|e| e.to_string())?,
-                ))
+                c.bridge_binary = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?))
             }
             Long("cwd") => cwd = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?)),
             Long("rss-requests") => c.rss_requests = number(&mut parser, "--rss-requests")?,
@@ -155,10 +153,13 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Check>, String> {
             missing.name()
         ));
     }
-    let cwd = match cwd {
-        Some(dir) => dir,
-        None => std::env::current_dir().map_err(|e| format!("current directory: {e}"))?,
-    };
+    let here = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    // A program named by a relative path is found from here, not from
+    // --cwd, where every probe starts it.
+    if c.command[0].contains('/') && Path::new(&c.command[0]).is_relative() {
+        c.command[0] = here.join(&c.command[0]).to_string_lossy().into_owned();
+    }
+    let cwd = cwd.unwrap_or(here);
     // Absolute: sandbox_dir probes and engine runs name paths under it.
     c.cwd = cwd
         .canonicalize()

@@ -89,7 +89,12 @@ fn reason(ran: &Ran) -> String {
         .stderr
         .lines()
         .find(|l| l.starts_with("worker-client"))
-        .or_else(|| ran.stdout.lines().rev().find(|l| l.trim_start().starts_with('|')))
+        .or_else(|| {
+            ran.stdout
+                .lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with('|'))
+        })
         .unwrap_or("");
     line.trim().to_owned()
 }
@@ -110,12 +115,28 @@ pub fn engine(ctx: &Ctx, engine: Engine) -> Row {
         "remote".to_owned(),
         "--engine".to_owned(),
         engine.name().to_owned(),
+    ];
+    match engine_root(ctx, engine) {
+        Some(root) => args.extend(["--root".to_owned(), root.to_string_lossy().into_owned()]),
+        None => {
+            return Row::new(
+                id,
+                feature,
+                Verdict::Unjudged,
+                format!(
+                    "no directory outside {} for the engine's own root: give another --cwd",
+                    ctx.check.cwd.display()
+                ),
+            )
+        }
+    }
+    args.extend([
         "--timeout-ms".to_owned(),
         ctx.check.timeout.as_millis().to_string(),
         "--cwd".to_owned(),
         ctx.check.cwd.to_string_lossy().into_owned(),
         "--".to_owned(),
-    ];
+    ]);
     args.extend(ctx.check.command.iter().cloned());
     args.push(format!("@{name}"));
     let sent = format!(
@@ -148,11 +169,17 @@ pub fn engine(ctx: &Ctx, engine: Engine) -> Row {
                 "started, answered and stopped the engine's way".to_owned(),
             ),
         },
-        Some(1) => (Verdict::Unsupported, format!("the request failed: {}", reason(&ran))),
+        Some(1) => (
+            Verdict::Unsupported,
+            format!("the request failed: {}", reason(&ran)),
+        ),
         Some(3) => (Verdict::Unsupported, reason(&ran)),
         Some(code) => (
             Verdict::Unjudged,
-            format!("worker-client remote exited with status {code}: {}", reason(&ran)),
+            format!(
+                "worker-client remote exited with status {code}: {}",
+                reason(&ran)
+            ),
         ),
         None => (
             Verdict::Broken,
@@ -160,6 +187,27 @@ pub fn engine(ctx: &Ctx, engine: Engine) -> Row {
         ),
     };
     Row::new(id, feature, verdict, why).with(evidence)
+}
+
+/// The engine's own directory (NativeLink's root, Buildbarn's worker
+/// directories): it must lie outside the worker's directory, which the
+/// engine copies from, so the system's temporary directory will not do
+/// when the worker's directory is that very one (or holds it).
+fn engine_root(ctx: &Ctx, engine: Engine) -> Option<PathBuf> {
+    let cwd = &ctx.check.cwd;
+    let name = ctx.name(&format!("{}-root", engine.name()));
+    let candidates = [
+        std::env::temp_dir().canonicalize().ok(),
+        std::env::var_os("HOME").and_then(|h| PathBuf::from(h).canonicalize().ok()),
+        cwd.parent().map(PathBuf::from),
+    ];
+    let root = candidates
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join(&name))
+        .find(|root| !root.starts_with(cwd))?;
+    ctx.made(root.clone());
+    Some(root)
 }
 
 /// `persistent-worker` for the bridge: `--bridge-binary`, else beside us.
@@ -255,7 +303,10 @@ pub fn buck2(ctx: &Ctx) -> Vec<Row> {
                 Some(3) => (Verdict::Unsupported, reason(&ran)),
                 Some(code) => (
                     Verdict::Unjudged,
-                    format!("worker-client buck2 exited with status {code}: {}", reason(&ran)),
+                    format!(
+                        "worker-client buck2 exited with status {code}: {}",
+                        reason(&ran)
+                    ),
                 ),
                 None => (
                     Verdict::Broken,

@@ -176,7 +176,13 @@ impl Card {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "worker: {}", self.worker);
-        let width = self.rows.iter().map(|r| r.id.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .rows
+            .iter()
+            .map(|r| r.id.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         let _ = writeln!(out, "{:<width$}  {:<11}  REASON", "CHECK", "VERDICT");
         for r in &self.rows {
             let mark = if self.expected.contains(&r.feature) && !r.verdict.holds() {
@@ -312,14 +318,17 @@ mod tests {
         Card {
             worker: "w".to_owned(),
             rows: vec![
-                Row::new("proto.roundtrip", Feature::Proto, Verdict::Supported, "ok".into()),
-                Row::new("cancel", Feature::Cancel, verdict, "why".into()).with(Some(
-                    Evidence {
-                        sent: "cancel 4".into(),
-                        got: "nothing".into(),
-                        stderr: "a\nb\n".into(),
-                    },
-                )),
+                Row::new(
+                    "proto.roundtrip",
+                    Feature::Proto,
+                    Verdict::Supported,
+                    "ok".into(),
+                ),
+                Row::new("cancel", Feature::Cancel, verdict, "why".into()).with(Some(Evidence {
+                    sent: "cancel 4".into(),
+                    got: "nothing".into(),
+                    stderr: "a\nb\n".into(),
+                })),
             ],
             expected: expected.to_vec(),
             elapsed: Duration::from_millis(1500),

@@ -161,7 +161,11 @@ fn show_response(r: &WorkResponse) -> String {
 
 /// Everything that came back, and how the reading ended.
 fn show_seen(seen: &Seen, timeout: Duration) -> String {
-    let mut lines: Vec<String> = seen.responses.iter().map(|(r, _)| show_response(r)).collect();
+    let mut lines: Vec<String> = seen
+        .responses
+        .iter()
+        .map(|(r, _)| show_response(r))
+        .collect();
     match &seen.end {
         End::Done => {}
         End::Eof => lines.push("then stdout closed (the worker ended)".to_owned()),
@@ -188,7 +192,10 @@ fn ms(d: Duration) -> String {
 /// the author's, any answer will do: an empty request may well fail.
 fn judge(ctx: &Ctx, inst: &Instance, r: &WorkResponse, dir: &Path) -> Result<String, String> {
     if ctx.check.request.is_none() {
-        return Ok(format!("answered the empty request (exit_code {})", r.exit_code));
+        return Ok(format!(
+            "answered the empty request (exit_code {})",
+            r.exit_code
+        ));
     }
     if r.exit_code != 0 {
         return Err(format!(
@@ -229,7 +236,12 @@ pub fn core(ctx: &Ctx) -> Vec<Row> {
     let mut worker = match spawn(ctx, &[], WireFormat::Proto) {
         Ok(w) => w,
         Err(e) => {
-            rows.push(Row::new("proto.roundtrip", Feature::Proto, Verdict::Broken, e));
+            rows.push(Row::new(
+                "proto.roundtrip",
+                Feature::Proto,
+                Verdict::Broken,
+                e,
+            ));
             unjudged_rows(&mut rows, &later, "the worker did not start");
             return rows;
         }
@@ -270,7 +282,11 @@ pub fn core(ctx: &Ctx) -> Vec<Row> {
             startup
         }
         Err(why) => {
-            let ev = evidence(&worker, show_request(&first_request), show_seen(&seen, timeout));
+            let ev = evidence(
+                &worker,
+                show_request(&first_request),
+                show_seen(&seen, timeout),
+            );
             rows.push(Row::new("proto.roundtrip", Feature::Proto, Verdict::Broken, why).with(ev));
             unjudged_rows(&mut rows, &later[..2], "the round trip failed");
             rows.push(stdout_row(stray, &worker));
@@ -439,10 +455,13 @@ fn stdout_row(stray: Option<(String, String, String)>, worker: &StdioWorker) -> 
             Verdict::Supported,
             "nothing but responses on stdout".to_owned(),
         ),
-        Some((what, sent, got)) => {
-            Row::new("proto.stdout", Feature::Proto, Verdict::Broken, what.clone())
-                .with(evidence(worker, sent, format!("{got}\n({what})")))
-        }
+        Some((what, sent, got)) => Row::new(
+            "proto.stdout",
+            Feature::Proto,
+            Verdict::Broken,
+            what.clone(),
+        )
+        .with(evidence(worker, sent, format!("{got}\n({what})"))),
     }
 }
 
@@ -546,16 +565,18 @@ pub fn malformed(ctx: &Ctx) -> Vec<Row> {
         ),
         End::Done => (
             Verdict::Broken,
-            format!("{} responses for 2 requests before the marker", before.len()),
+            format!(
+                "{} responses for 2 requests before the marker",
+                before.len()
+            ),
         ),
         End::Eof => (
             Verdict::Supported,
             "exited on it: a client sees a dead worker and starts another".to_owned(),
         ),
-        End::Broken(..) | End::Timeout(_, 1..) => (
-            Verdict::Broken,
-            seen.stray().unwrap_or_default(),
-        ),
+        End::Broken(..) | End::Timeout(_, 1..) => {
+            (Verdict::Broken, seen.stray().unwrap_or_default())
+        }
         End::Timeout(..) if !wrote => (
             Verdict::Supported,
             "stopped reading its stdin on it (closed it)".to_owned(),
@@ -580,7 +601,12 @@ pub fn multiplex(ctx: &Ctx) -> Vec<Row> {
     let mut worker = match spawn(ctx, &[], WireFormat::Proto) {
         Ok(w) => w,
         Err(e) => {
-            rows.push(Row::new("multiplex.ids", Feature::Multiplex, Verdict::Broken, e));
+            rows.push(Row::new(
+                "multiplex.ids",
+                Feature::Multiplex,
+                Verdict::Broken,
+                e,
+            ));
             return rows;
         }
     };
@@ -593,7 +619,11 @@ pub fn multiplex(ctx: &Ctx) -> Vec<Row> {
     let order = ids.clone();
     ids.sort_unstable();
     if ids != [2, 3] || !matches!(seen.end, End::Done) {
-        let why = match seen.responses.iter().find(|(r, _)| ![2, 3].contains(&r.request_id)) {
+        let why = match seen
+            .responses
+            .iter()
+            .find(|(r, _)| ![2, 3].contains(&r.request_id))
+        {
             Some((r, _)) => format!(
                 "answered request_id {} to requests 2 and 3: ids must be echoed",
                 r.request_id
@@ -665,7 +695,11 @@ pub fn multiplex(ctx: &Ctx) -> Vec<Row> {
             )
             .with(ev),
         );
-        unjudged_rows(&mut rows, &[("cancel", Feature::Cancel)], "the slow request failed");
+        unjudged_rows(
+            &mut rows,
+            &[("cancel", Feature::Cancel)],
+            "the slow request failed",
+        );
         return rows;
     };
     if let Some((r, _)) = seen.responses.first().filter(|(r, _)| r.exit_code != 0) {
@@ -759,7 +793,12 @@ fn cancel(ctx: &Ctx, worker: &mut StdioWorker, length: Duration) -> Row {
     );
     let sent = Instant::now();
     if let Err(e) = worker.send(&slow) {
-        return Row::new("cancel", Feature::Cancel, Verdict::Broken, first(&e.to_string()));
+        return Row::new(
+            "cancel",
+            Feature::Cancel,
+            Verdict::Broken,
+            first(&e.to_string()),
+        );
     }
     let early = collect(worker, sent + length / 4, |r| !r.is_empty());
     if !early.responses.is_empty() {
@@ -873,8 +912,11 @@ pub fn json(ctx: &Ctx) -> Vec<Row> {
     let argv = crate::child::show_command(&ctx.argv(&flag));
     if let Some((why, sent, got)) = failure {
         rows.push(
-            Row::new("json.camel", Feature::Json, Verdict::Unsupported, why)
-                .with(evidence(&worker, format!("started `{argv}`\n{sent}"), got)),
+            Row::new("json.camel", Feature::Json, Verdict::Unsupported, why).with(evidence(
+                &worker,
+                format!("started `{argv}`\n{sent}"),
+                got,
+            )),
         );
         rows.push(Row::new(
             "json.snake",
@@ -894,7 +936,10 @@ pub fn json(ctx: &Ctx) -> Vec<Row> {
         ),
     ));
     let args: Vec<String> = ctx.request().args.iter().map(|a| quote(a)).collect();
-    let line = format!("{{\"arguments\": [{}], \"request_id\": 6}}\n", args.join(", "));
+    let line = format!(
+        "{{\"arguments\": [{}], \"request_id\": 6}}\n",
+        args.join(", ")
+    );
     let wrote = worker.send_raw(line.as_bytes());
     let seen = collect(&worker, Instant::now() + timeout, |r| !r.is_empty());
     let row = match seen.responses.first() {
@@ -923,7 +968,11 @@ pub fn json(ctx: &Ctx) -> Vec<Row> {
             ),
         ),
     };
-    rows.push(row.with(evidence(&worker, line.trim_end().to_owned(), show_seen(&seen, timeout))));
+    rows.push(row.with(evidence(
+        &worker,
+        line.trim_end().to_owned(),
+        show_seen(&seen, timeout),
+    )));
     rows
 }
 
@@ -967,7 +1016,9 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
     let mut worker: Option<StdioWorker> = None;
     for (id, feature) in cases {
         let inst = ctx.instantiate(&template);
-        let Some(out) = inst.out.clone() else { continue };
+        let Some(out) = inst.out.clone() else {
+            continue;
+        };
         let mut r = request(&inst.args, 0);
         let dir: PathBuf = match id {
             "sandbox.relative" | "sandbox.argfile" => {
@@ -987,7 +1038,12 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
             _ => cwd.clone(),
         };
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            rows.push(Row::new(id, feature, Verdict::Unjudged, format!("{}: {e}", dir.display())));
+            rows.push(Row::new(
+                id,
+                feature,
+                Verdict::Unjudged,
+                format!("{}: {e}", dir.display()),
+            ));
             continue;
         }
         if id != "sandbox.relative" && id != "sandbox.absolute" {
@@ -995,7 +1051,12 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
             let path = dir.join(&name);
             ctx.made(path.clone());
             if let Err(e) = ctx.write_args(&path, &inst.args) {
-                rows.push(Row::new(id, feature, Verdict::Unjudged, format!("{name}: {e}")));
+                rows.push(Row::new(
+                    id,
+                    feature,
+                    Verdict::Unjudged,
+                    format!("{name}: {e}"),
+                ));
                 continue;
             }
             r.arguments = vec![if id == "argfile.flagfile" {
@@ -1018,7 +1079,8 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
         let seen = exchange(&mut w, std::slice::from_ref(&r), ctx.check.timeout);
         let got = show_seen(&seen, ctx.check.timeout);
         let mut sent = show_request(&r);
-        if r.arguments.len() == 1 && r.arguments[0] != inst.args.first().cloned().unwrap_or_default()
+        if r.arguments.len() == 1
+            && r.arguments[0] != inst.args.first().cloned().unwrap_or_default()
         {
             sent.push_str(&format!("\n(the file holds {:?})", inst.args));
         }
@@ -1027,13 +1089,21 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
                 let here = dir.join(&out);
                 let stray = cwd.join(&out);
                 if resp.exit_code == 0 && here.exists() {
-                    Row::new(id, feature, Verdict::Supported, format!("exit_code 0, wrote {}", shorten(&here, &cwd)))
+                    Row::new(
+                        id,
+                        feature,
+                        Verdict::Supported,
+                        format!("exit_code 0, wrote {}", shorten(&here, &cwd)),
+                    )
                 } else if dir != cwd && stray.exists() {
                     Row::new(
                         id,
                         feature,
                         Verdict::Unsupported,
-                        format!("ignored sandbox_dir: wrote {out} in its cwd, not in {}", shorten(&dir, &cwd)),
+                        format!(
+                            "ignored sandbox_dir: wrote {out} in its cwd, not in {}",
+                            shorten(&dir, &cwd)
+                        ),
                     )
                 } else {
                     Row::new(
@@ -1055,7 +1125,12 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
                 } else {
                     Verdict::Unsupported
                 };
-                Row::new(id, feature, verdict, got.lines().last().unwrap_or("").to_owned())
+                Row::new(
+                    id,
+                    feature,
+                    verdict,
+                    got.lines().last().unwrap_or("").to_owned(),
+                )
             }
         };
         let row = row.with(evidence(&w, sent, got));
