@@ -20,10 +20,12 @@ mod external;
 mod report;
 mod stdio;
 
-use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use persistent_worker::cli::{number, os_text, text};
@@ -34,7 +36,8 @@ use report::{Card, Feature, Row};
 pub const USAGE: &str = "\
 usage: worker-client check [--json] [--timeout-ms N] [--request 'ARGS'] [--slow-request 'ARGS']
                            [--expect FEATURES] [--only FEATURES] [--json-flag 'FLAGS']
-                           [--bridge-binary PATH] [--cwd DIR] [--rss-requests N] -- WORKER...
+                           [--bridge-binary PATH] [--cwd DIR] [--rss-requests N] [--jobs N]
+                           -- WORKER...
 
 Runs short, bounded probes against the Bazel-protocol worker `WORKER...
 --persistent_worker` and prints a report card: one row per check, with a
@@ -59,6 +62,7 @@ the evidence for anything that is not a clean pass.
   --cwd DIR              the worker's working directory (default: the current
                          one); the files the probes make there are removed
   --rss-requests N       requests between the two memory readings (default 1000)
+  --jobs N               probes run at once after the timed ones (default 3)
   --timeout-ms N         longest wait for any one answer (default 5000)
   --json                 print the card as JSON
 
@@ -79,6 +83,7 @@ pub struct Check {
     pub json: bool,
     pub bridge_binary: Option<PathBuf>,
     pub rss_requests: usize,
+    pub jobs: usize,
 }
 
 /// `Ok(None)` asks for the help text.
@@ -97,6 +102,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Check>, String> {
         json: false,
         bridge_binary: None,
         rss_requests: 1000,
+        jobs: 3,
     };
     let mut cwd = None;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -123,6 +129,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Check>, String> {
             }
             Long("cwd") => cwd = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?)),
             Long("rss-requests") => c.rss_requests = number(&mut parser, "--rss-requests")?,
+            Long("jobs") => {
+                c.jobs = number(&mut parser, "--jobs")?;
+                if c.jobs == 0 {
+                    return Err("--jobs must be at least 1".to_owned());
+                }
+            }
             Long("timeout-ms") => {
                 let ms: u64 = number(&mut parser, "--timeout-ms")?;
                 if ms == 0 {
@@ -179,16 +191,14 @@ pub struct Instance {
 /// and the files made in the worker's directory, removed at the end.
 pub struct Ctx<'a> {
     pub check: &'a Check,
-    next: Cell<usize>,
-    made: RefCell<Vec<PathBuf>>,
+    next: AtomicUsize,
+    made: Mutex<Vec<PathBuf>>,
 }
 
 impl Ctx<'_> {
     /// A number no other probe of this run has used.
     pub fn fresh(&self) -> usize {
-        let n = self.next.get();
-        self.next.set(n + 1);
-        n
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// A name unique to this run and probe, for files in the worker's
@@ -199,7 +209,9 @@ impl Ctx<'_> {
 
     /// Remembers a path under the worker's directory to remove at the end.
     pub fn made(&self, path: PathBuf) {
-        self.made.borrow_mut().push(path);
+        if let Ok(mut made) = self.made.lock() {
+            made.push(path);
+        }
     }
 
     pub fn instantiate(&self, template: &[String]) -> Instance {
@@ -259,7 +271,11 @@ impl Ctx<'_> {
 
 impl Drop for Ctx<'_> {
     fn drop(&mut self) {
-        for path in self.made.borrow().iter().rev() {
+        let made = match self.made.get_mut() {
+            Ok(made) => std::mem::take(made),
+            Err(poisoned) => std::mem::take(poisoned.into_inner()),
+        };
+        for path in made.iter().rev() {
             if path.is_dir() {
                 let _ = std::fs::remove_dir_all(path);
             } else {
@@ -298,38 +314,69 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
+/// Runs `probes` on up to `jobs` threads; their rows in the probes' order.
+fn run_probes<'p>(
+    ctx: &Ctx,
+    probes: Vec<Box<dyn FnOnce(&Ctx) -> Vec<Row> + Send + 'p>>,
+    jobs: usize,
+) -> Vec<Row> {
+    let count = probes.len();
+    let queue = Mutex::new(probes.into_iter().enumerate().collect::<VecDeque<_>>());
+    let results: Mutex<Vec<(usize, Vec<Row>)>> = Mutex::new(Vec::with_capacity(count));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, count.max(1)) {
+            scope.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some((index, probe)) = next else { break };
+                let rows = probe(ctx);
+                if let Ok(mut results) = results.lock() {
+                    results.push((index, rows));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().flat_map(|(_, rows)| rows).collect()
+}
+
 pub fn run(check: &Check) -> Card {
     let started = Instant::now();
     let ctx = Ctx {
         check,
-        next: Cell::new(0),
-        made: RefCell::new(Vec::new()),
+        next: AtomicUsize::new(0),
+        made: Mutex::new(Vec::new()),
     };
-    let mut rows: Vec<Row> = Vec::new();
-    rows.extend(stdio::core(&ctx));
-    rows.extend(stdio::malformed(&ctx));
+    // The probes that time things run alone, first: a loaded machine would
+    // blur their verdicts. The rest wait mostly on start-ups and on workers
+    // that do not answer, so they share --jobs threads.
+    let mut rows: Vec<Row> = stdio::core(&ctx);
     if ctx.runs(Feature::Multiplex) || ctx.runs(Feature::Cancel) {
         rows.extend(stdio::multiplex(&ctx));
     }
+    type Probe<'p> = Box<dyn FnOnce(&Ctx) -> Vec<Row> + Send + 'p>;
+    let mut probes: Vec<Probe> = vec![Box::new(stdio::malformed)];
     if ctx.runs(Feature::Json) {
-        rows.extend(stdio::json(&ctx));
+        probes.push(Box::new(stdio::json));
     }
     if ctx.runs(Feature::Sandbox) || ctx.runs(Feature::Argfile) {
-        rows.extend(stdio::paths(&ctx));
+        probes.push(Box::new(stdio::paths));
     }
     for engine in [
         crate::engine::Engine::BuildBuddy,
         crate::engine::Engine::NativeLink,
         crate::engine::Engine::Buildbarn,
     ] {
-        let feature = external::feature_of(engine);
-        if ctx.runs(feature) {
-            rows.push(external::engine(&ctx, engine));
+        if ctx.runs(external::feature_of(engine)) {
+            probes.push(Box::new(move |ctx: &Ctx| {
+                vec![external::engine(ctx, engine)]
+            }));
         }
     }
     if ctx.runs(Feature::Buck2) {
-        rows.extend(external::buck2(&ctx));
+        probes.push(Box::new(external::buck2));
     }
+    rows.extend(run_probes(&ctx, probes, check.jobs));
     rows.retain(|r| ctx.runs(r.feature));
     Card {
         worker: crate::child::show_command(&check.command),
