@@ -314,12 +314,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
+/// A probe for the threads: the rows it reports.
+type Probe<'p> = Box<dyn FnOnce(&Ctx) -> Vec<Row> + Send + 'p>;
+
 /// Runs `probes` on up to `jobs` threads; their rows in the probes' order.
-fn run_probes<'p>(
-    ctx: &Ctx,
-    probes: Vec<Box<dyn FnOnce(&Ctx) -> Vec<Row> + Send + 'p>>,
-    jobs: usize,
-) -> Vec<Row> {
+fn run_probes(ctx: &Ctx, probes: Vec<Probe>, jobs: usize) -> Vec<Row> {
     let count = probes.len();
     let queue = Mutex::new(probes.into_iter().enumerate().collect::<VecDeque<_>>());
     let results: Mutex<Vec<(usize, Vec<Row>)>> = Mutex::new(Vec::with_capacity(count));
@@ -354,7 +353,6 @@ pub fn run(check: &Check) -> Card {
     if ctx.runs(Feature::Multiplex) || ctx.runs(Feature::Cancel) {
         rows.extend(stdio::multiplex(&ctx));
     }
-    type Probe<'p> = Box<dyn FnOnce(&Ctx) -> Vec<Row> + Send + 'p>;
     let mut probes: Vec<Probe> = vec![Box::new(stdio::malformed)];
     if ctx.runs(Feature::Json) {
         probes.push(Box::new(stdio::json));
