@@ -376,6 +376,8 @@ pub fn run(check: &Check) -> Card {
     }
     rows.extend(run_probes(&ctx, probes, check.jobs));
     rows.retain(|r| ctx.runs(r.feature));
+    // Rows grouped by feature, in --expect's order, whichever thread ran them.
+    rows.sort_by_key(|r| Feature::ALL.iter().position(|f| *f == r.feature));
     Card {
         worker: crate::child::show_command(&check.command),
         rows,

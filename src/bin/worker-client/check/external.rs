@@ -186,6 +186,13 @@ pub fn engine(ctx: &Ctx, engine: Engine) -> Row {
             format!("no result within {} s", limit(ctx).as_secs()),
         ),
     };
+    // NativeLink alone hands the worker its `@file` unexpanded, and
+    // discards the worker's stderr: say where to look.
+    let why = if engine == Engine::NativeLink && verdict == Verdict::Unsupported {
+        format!("{why} (NativeLink leaves @file to the worker: see argfile.at)")
+    } else {
+        why
+    };
     Row::new(id, feature, verdict, why).with(evidence)
 }
 

@@ -699,7 +699,7 @@ pub fn multiplex(ctx: &Ctx) -> Vec<Row> {
         } else {
             Verdict::Unsupported
         };
-        let ev = evidence(&worker, show_requests(&pair), show_seen(&seen, timeout));
+        let ev = evidence(&worker, show_requests(&pair), show_seen(&seen, lag(one)));
         rows.push(Row::new("multiplex.ids", Feature::Multiplex, verdict, why).with(ev));
         unjudged_rows(
             &mut rows,
@@ -1241,12 +1241,13 @@ pub fn paths(ctx: &Ctx) -> Vec<Row> {
                 } else {
                     Verdict::Unsupported
                 };
-                Row::new(
-                    id,
-                    feature,
-                    verdict,
-                    got.lines().last().unwrap_or("").to_owned(),
-                )
+                let why = match (&seen.end, seen.responses.is_empty()) {
+                    (End::Eof, true) => {
+                        "the worker exited on it without answering (stdout closed)".to_owned()
+                    }
+                    _ => got.lines().last().unwrap_or("").to_owned(),
+                };
+                Row::new(id, feature, verdict, why)
             }
         };
         let row = row.with(evidence(&w, sent, got));
