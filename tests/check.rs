@@ -434,3 +434,79 @@ fn the_node_bazel_worker_is_singleplex_proto_only() {
         c.json
     );
 }
+
+/// npm's `@bazel/typescript` ts_project worker, installed by
+/// `ci/ts-worker-install.sh` into the target directory; `None` (loudly)
+/// when node or npm are missing and `REQUIRE_NODE_WORKER=1` is not set.
+fn ts_worker() -> Option<String> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ts-worker");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/ts-worker-install.sh");
+    let required = std::env::var("REQUIRE_NODE_WORKER").is_ok_and(|v| v == "1");
+    let installed = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stderr(Stdio::inherit())
+        .output();
+    match installed {
+        Ok(out) if out.status.success() => {
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+        other => {
+            let why = format!("{:?}", other.map(|o| o.status));
+            assert!(
+                !required,
+                "REQUIRE_NODE_WORKER=1 but {} failed: {why}",
+                script.display()
+            );
+            eprintln!(
+                "\n*** SKIPPED: the TypeScript worker's card needs node and npm ({}: {why}); \
+                 set REQUIRE_NODE_WORKER=1 to make this a failure ***\n",
+                script.display()
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn the_typescript_worker_card_says_singleplex_proto_without_eof_or_nativelink() {
+    let Some(line) = ts_worker() else { return };
+    let (_d, dir) = tempdir();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/ts-worker/project");
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::copy(fixture.join("tsconfig.json"), dir.join("tsconfig.json")).unwrap();
+    for entry in std::fs::read_dir(fixture.join("src")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join("src").join(path.file_name().unwrap())).unwrap();
+    }
+    // The script's line is shell-quoted; its words hold no spaces here
+    // (node's path and the install directory under target/).
+    let worker: Vec<&str> = line.split_whitespace().collect();
+    let args = [
+        "--request",
+        "--project tsconfig.json",
+        "--only",
+        "multiplex,nativelink",
+        "--timeout-ms",
+        "30000",
+    ];
+    let c = card(&dir, &args, &worker);
+    for id in [
+        "proto.roundtrip",
+        "proto.sequence",
+        "proto.ids",
+        "proto.stdout",
+        "proto.malformed",
+    ] {
+        c.assert_verdict(id, "supported");
+    }
+    // Its file watchers keep node alive after stdin closes.
+    c.assert_verdict("proto.eof", "unsupported");
+    c.assert_verdict("multiplex.ids", "unsupported");
+    // It does not expand the @file NativeLink leaves to it.
+    c.assert_verdict("engine.nativelink", "unsupported");
+    assert_eq!(c.code, Some(1), "{}", c.json);
+    assert!(c.json.contains("\"failed\": [\"proto.eof\"]"), "{}", c.json);
+    // The compiler really ran: the fixture's outputs are there.
+    assert!(dir.join("out/main.js").exists(), "{}", c.json);
+}
