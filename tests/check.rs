@@ -39,7 +39,15 @@ fn tempdir() -> (tempfile::TempDir, PathBuf) {
 
 /// Runs `worker-client check ARGS -- WORKER...` in `dir`, bounded by LIMIT.
 fn run(dir: &Path, args: &[&str], worker: &[&str]) -> Output {
+    run_with(dir, None, args, worker)
+}
+
+/// `run`, with TMPDIR (where the engine probes make their roots) set.
+fn run_with(dir: &Path, tmp: Option<&Path>, args: &[&str], worker: &[&str]) -> Output {
     let mut command = Command::new(CLIENT);
+    if let Some(tmp) = tmp {
+        command.env("TMPDIR", tmp);
+    }
     command
         .arg("check")
         .args(["--timeout-ms", TIMEOUT_MS])
@@ -109,9 +117,13 @@ impl Card {
 }
 
 fn card(dir: &Path, args: &[&str], worker: &[&str]) -> Card {
+    card_with(dir, None, args, worker)
+}
+
+fn card_with(dir: &Path, tmp: Option<&Path>, args: &[&str], worker: &[&str]) -> Card {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = run(dir, &all, worker);
+    let out = run_with(dir, tmp, &all, worker);
     Card {
         json: String::from_utf8_lossy(&out.stdout).into_owned(),
         code: out.status.code(),
@@ -159,7 +171,8 @@ fn this_worker_holds_every_feature_and_leaves_its_directory_clean() {
         "--rss-requests",
         "200",
     ];
-    let c = card(&dir, &args, &[BIN]);
+    let (_t, tmp) = tempdir();
+    let c = card_with(&dir, Some(&tmp), &args, &[BIN]);
     assert_eq!(c.code, Some(0), "{}\n{}", c.json, c.stderr);
     assert!(c.json.contains("\"ok\": true"), "{}", c.json);
     let ids = c.ids();
@@ -173,9 +186,12 @@ fn this_worker_holds_every_feature_and_leaves_its_directory_clean() {
         };
         assert_eq!(&verdict, want, "{id}:\n{}", c.json);
     }
-    // Every file and directory the probes made is gone again.
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    // Every file and directory the probes made is gone again, the engines'
+    // own roots (under TMPDIR) too.
+    for place in [&dir, &tmp] {
+        let left: Vec<_> = std::fs::read_dir(place).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }
 
 #[test]
