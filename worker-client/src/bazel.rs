@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -462,6 +462,60 @@ pub fn drive(
 }
 
 impl StdioWorker {
+    /// Writes bytes that need not be a well-formed request, for probing how
+    /// a worker takes a malformed one; `false` when its stdin is closed.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> bool {
+        match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(bytes).and_then(|()| stdin.flush()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// What stdout held after the last complete response: the first bytes
+    /// and how many there were. A stray write that stalls the reader shows
+    /// here rather than as an error.
+    pub fn pending_stdout(&self) -> (Vec<u8>, usize) {
+        self.seen
+            .lock()
+            .map(|s| (s.pending.clone(), s.pending_len))
+            .unwrap_or_default()
+    }
+
+    /// What is kept of the worker's stderr, for evidence.
+    pub fn stderr_tail(&self, wait: Duration) -> String {
+        self.stderr.text(wait)
+    }
+
+    /// Closes stdin and waits up to `grace` for stdout to end and the
+    /// worker to exit: `Ok(Some(status))`, or `Ok(None)` when it did not
+    /// (it is then killed). Anything but the end on stdout is an error.
+    pub fn close_and_wait(mut self, grace: Duration) -> Result<Option<ExitStatus>, Failure> {
+        self.stdin.take();
+        let deadline = Instant::now() + grace;
+        match self.next_event(deadline) {
+            Some(Event::Eof) => {}
+            Some(Event::Response(extra, _)) => {
+                return Err(self.violation(&format!(
+                    "a response with request_id {} arrived after every request was answered",
+                    extra.request_id
+                )))
+            }
+            Some(Event::Broken(error, shown)) => return Err(self.broken(&error, &shown)),
+            None => {
+                child::kill(&mut self.child);
+                return Ok(None);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match child::wait_exit(&mut self.child, left) {
+            Some(status) => Ok(Some(status)),
+            None => {
+                child::kill(&mut self.child);
+                Ok(None)
+            }
+        }
+    }
+
     fn timed_out(&mut self, id: i32, timeout: Duration) -> Failure {
         let pid = self.pid();
         child::kill(&mut self.child);

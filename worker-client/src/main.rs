@@ -7,12 +7,14 @@
 //! - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
 //! - [`bench`](mod@bench): timing any of the three, recording into a
 //!   [`measurement`] (latencies, memory, percentiles).
+//! - [`check`](mod@check): a conformance report card built from all of the above.
 //! - [`requests`], [`child`], [`digest`]: request lists, worker processes,
 //!   SHA-256 for input digests.
 
 mod bazel;
 mod bench;
 mod buck2;
+mod check;
 mod child;
 mod digest;
 mod engine;
@@ -33,6 +35,8 @@ usage: worker-client bazel  [OPTIONS] [--json] [--multiplex N] [--cancel-after M
        worker-client remote [OPTIONS] [--engine E] [--json] [--input PATH]...
                      [--action 'COMMAND...' [--tool-input PATH]...]... [-- COMMAND...]
        worker-client buck2  [OPTIONS] [--stream|--exec] [--concurrency N] -- WORKER...
+       worker-client check  [--json] [--expect FEATURES] [--request 'ARGS'] -- WORKER...
+                     (a report card of what the worker supports: see check --help)
 
 Drives a persistent worker as Bazel (stdin/stdout, started with
 --persistent_worker), a remote executor (COMMAND is the action's command
@@ -209,7 +213,12 @@ pub struct Outcome {
 }
 
 fn main() -> ExitCode {
-    let options = match parse(std::env::args_os().skip(1).collect()) {
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "check") {
+        args.remove(0);
+        return check::main(args);
+    }
+    let options = match parse(args) {
         Ok(Some(options)) => options,
         Ok(None) => {
             print!("{USAGE}");
