@@ -1,62 +1,154 @@
 #!/usr/bin/env bash
-# Buck2 Execute no-op, one client, side by side with a Python gRPC worker
-# (ci/python_noop_worker.py): the tail on a quiet machine and with
-# `stress-ng --cpu N` keeping every core busy (a build beside its workers).
-# Each build runs ROUNDS times in turn; prints, per build, the medians over
-# the rounds of p50, p99, p99.9 and the mean, and each round's p99.
+# Tails under background load, side by side with minimal Python workers: one
+# client in lockstep, Bazel (proto, each request writes a file, beside
+# ci/python_bazel_worker.py) and Buck2 (Execute no-op, beside
+# ci/python_noop_worker.py), on a quiet machine, beside `nice -n 19` CPU hogs
+# (two per core: a build the kernel was told matters less) and beside
+# normal-priority hogs (two per core: a build that matters as much).
+# Each build runs ROUNDS times in turn under each load; prints, per load,
+# protocol and build, the medians over the rounds of the mean, p50, p99,
+# p99.9 and the share of requests over 2 ms (about one scheduler tick at
+# 250 Hz: the figure a p99 flips with), and each round's share and p99.
 # Usage: ci/bench-tail.sh REQUESTS ROUNDS NAME=WORKER-BINARY...
-#   e.g. ci/bench-tail.sh 2000 5 worker=target/x86_64-unknown-linux-gnu/release/persistent-worker
-# Needs python3 with venv; grpcio is installed from PyPI into
-# target/bench/python on first use. TAIL_LOAD=N sets the load (default: one
-# hog per core).
+#   e.g. ci/bench-tail.sh 10000 3 worker=target/x86_64-unknown-linux-gnu/release/persistent-worker
+# A WORKER-BINARY may be a command with arguments (quoted as one word).
+# Needs python3 with venv (grpcio from PyPI into target/bench/python on
+# first use) and stress-ng. TAIL_LOADS picks loads (default
+# "quiet niced normal"); TAIL_PROTOCOLS picks protocols (default
+# "bazel buck2"). Writes target/bench/tail.json; BENCH_STORE=1 keeps it under
+# bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if (($# < 3)); then
-  sed -n '2,11p' "$0" >&2
+  sed -n '2,20p' "$0" >&2
   exit 2
 fi
 requests=$1 rounds=$2
 shift 2
 client=target/x86_64-unknown-linux-gnu/release/worker-client
 [[ -x $client ]] || ci/release.sh >&2
+command -v stress-ng >/dev/null || {
+  echo "bench-tail.sh: stress-ng is needed for the loaded rows" >&2
+  exit 2
+}
 venv=target/bench/python
 if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet grpcio >&2
 fi
 work=$(mktemp -d)
-trap 'rm -rf "$work"; [[ -z ${load_pid-} ]] || kill "$load_pid" 2>/dev/null || true' EXIT
-printf '#!/bin/sh\nexec %q %q\n' "$PWD/$venv/bin/python" "$PWD/ci/python_noop_worker.py" >"$work/python-worker"
-chmod +x "$work/python-worker"
-builds=("python=$work/python-worker" "$@")
+write_root=/dev/shm
+[[ -d $write_root && -w $write_root ]] || write_root=$work
+files=$(mktemp -d "$write_root/bench-tail.XXXXXX")
+load_pid=
+stop_load() {
+  if [[ -n $load_pid ]]; then
+    kill "$load_pid" 2>/dev/null || true
+    wait "$load_pid" 2>/dev/null || true
+    load_pid=
+  fi
+}
+trap 'stop_load; rm -rf "$work" "$files"' EXIT
+printf '#!/bin/sh\nexec %q %q\n' "$PWD/$venv/bin/python" "$PWD/ci/python_noop_worker.py" >"$work/python-grpc"
+printf '#!/bin/sh\nexec python3 %q "$@"\n' "$PWD/ci/python_bazel_worker.py" >"$work/python-bazel"
+chmod +x "$work/python-grpc" "$work/python-bazel"
+hogs=$((2 * $(nproc)))
+raw="$work/raw.tsv"
+: >"$raw"
 
 measure() {
-  local round b
+  local load=$1 round b protocol python
+  shift
   for ((round = 1; round <= rounds; round++)); do
-    for b in "${builds[@]}"; do
-      "$client" buck2 --request --noop --requests "$requests" --json-out "$work/r.json" -q \
-        -- "${b#*=}" >/dev/null
-      python3 -c 'import json, sys
-d = json.load(open(sys.argv[1]))["latency_ms"]
-print(sys.argv[2], d["p50"] * 1000, d["p99"] * 1000, d["p999"] * 1000, d["mean"] * 1000)' "$work/r.json" "${b%%=*}"
+    for protocol in ${TAIL_PROTOCOLS:-bazel buck2}; do
+      python=$work/python-grpc
+      [[ $protocol == buck2 ]] || python=$work/python-bazel
+      for b in "python=$python" "$@"; do
+        local name=${b%%=*} cmd
+        read -r -a cmd <<<"${b#*=}"
+        local request=(--request --noop)
+        if [[ $protocol == bazel ]]; then
+          request=(--request "$(mktemp -d "$files/f.XXXXXX")/out-{n}.txt")
+        fi
+        if ! "$client" "$protocol" "${request[@]}" --requests "$requests" \
+          --json-out "$work/r.json" -q -- "${cmd[@]}" >"$work/out.txt" 2>&1; then
+          echo "bench-tail.sh: $name ($protocol, $load) failed:" >&2
+          cat "$work/out.txt" >&2
+          exit 1
+        fi
+        python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+if d["failed"]:
+    sys.exit(str(d["failed"]) + " request(s) failed")
+l = d["latency_ms"]
+print("\t".join(sys.argv[2:5] + [str(l[k] * 1000) for k in ("mean", "p50", "p99", "p999")]
+                + [str(l["over_2ms_share"]), str(d["requests"])]))' \
+          "$work/r.json" "$load" "$protocol" "$name" >>"$raw"
+      done
     done
-  done | python3 -c 'import collections, statistics as s, sys
-rows = collections.defaultdict(list)
-for line in sys.stdin:
-    name, *values = line.split()
-    rows[name].append([float(v) for v in values])
-print("build         p50 µs    p99 µs  p99.9 µs   mean µs   p99 of each round, µs")
-for name, values in rows.items():
-    p50, p99, p999, mean = (s.median(c) for c in zip(*values))
-    each = " ".join(f"{v[1]:.0f}" for v in values)
-    print(f"{name:10s} {p50:9.1f} {p99:9.1f} {p999:9.1f} {mean:9.1f}   {each}")'
+  done
 }
 
-echo "Buck2 Execute no-op, 1 client, $requests requests, medians of $rounds rounds"
-echo "quiet:"
-measure
-load=${TAIL_LOAD:-$(nproc)}
-stress-ng --cpu "$load" --quiet &
-load_pid=$!
-echo "loaded (stress-ng --cpu $load):"
-measure
+for load in ${TAIL_LOADS:-quiet niced normal}; do
+  case $load in
+    quiet) ;;
+    niced)
+      nice -n 19 stress-ng --cpu "$hogs" --quiet &
+      load_pid=$!
+      ;;
+    normal)
+      stress-ng --cpu "$hogs" --quiet &
+      load_pid=$!
+      ;;
+    *)
+      echo "bench-tail.sh: unknown load $load (quiet, niced, normal)" >&2
+      exit 2
+      ;;
+  esac
+  echo "load: $load" >&2
+  measure "$load" "$@"
+  stop_load
+done
+
+mkdir -p target/bench
+python3 - "$raw" target/bench/tail.json "$requests" "$rounds" "$hogs" <<'PY'
+import collections, json, statistics as s, sys
+raw, out, requests, rounds, hogs = sys.argv[1:6]
+rows = collections.defaultdict(list)
+for line in open(raw):
+    load, protocol, name, *values = line.rstrip("\n").split("\t")
+    rows[(load, protocol, name)].append([float(v) for v in values])
+loads = {"quiet": "quiet", "niced": f"beside {hogs} niced hogs", "normal": f"beside {hogs} hogs"}
+result = []
+print(f"one client, {requests} requests per round, medians of {rounds} rounds "
+      "(Bazel: each request writes a file; Buck2: Execute no-op)")
+print(f"{'load':22s} {'protocol':8s} {'build':10s} {'mean µs':>9s} {'p50 µs':>8s} {'p99 µs':>8s} "
+      f"{'p99.9 µs':>9s} {'>2 ms':>7s}   each round: >2 ms % / p99 µs")
+for (load, protocol, name), values in rows.items():
+    mean, p50, p99, p999, over, _ = (s.median(c) for c in zip(*values))
+    each = "  ".join(f"{v[4] * 100:.2f}/{v[2]:.0f}" for v in values)
+    print(f"{loads[load]:22s} {protocol:8s} {name:10s} {mean:9.1f} {p50:8.1f} {p99:8.1f} "
+          f"{p999:9.1f} {over * 100:6.2f}%   {each}")
+    result.append({"load": load, "protocol": protocol, "build": name, "mean_us": mean, "p50_us": p50,
+                   "p99_us": p99, "p999_us": p999, "over_2ms_share": over,
+                   "rounds": [{"mean_us": v[0], "p50_us": v[1], "p99_us": v[2], "p999_us": v[3],
+                               "over_2ms_share": v[4], "requests": int(v[5])} for v in values]})
+with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+    f.write("\n")
+PY
+if [[ ${BENCH_STORE:-} == 1 ]]; then
+  mkdir -p bench/results
+  commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
+  stored="bench/results/$(date -u +%Y-%m-%dT%H%M)-$commit-tail.json"
+  python3 - target/bench/tail.json "$stored" "$commit" "$(nproc) cores, $(uname -sr)" "$requests requests x $rounds rounds; builds: $*" <<'PY'
+import datetime, json, sys
+src, dst, commit, machine, run = sys.argv[1:6]
+stored = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "machine": machine, "run": run, "rows": json.load(open(src))}
+with open(dst, "w") as f:
+    json.dump(stored, f, indent=1)
+    f.write("\n")
+PY
+  echo "stored: $stored"
+fi

@@ -75,7 +75,14 @@ row() {
   local file TIMEFORMAT='%U %S %R'
   file="$out/raw/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').$round.json"
   printf '%-40s' "$name" >&2
-  if ! { time "$client" "$1" --json-out "$file" "${@:2}" >"$file.txt" 2>"$file.err"; } 2>"$file.cpu"; then
+  # A row may start with `taskset -c CPUS CLIENT` instead of the client's mode.
+  local cmd=("$client" "$1")
+  if [[ $1 == taskset ]]; then
+    cmd=("${@:1:5}")
+    shift 4
+  fi
+  shift
+  if ! { time "${cmd[@]}" --json-out "$file" "$@" >"$file.txt" 2>"$file.err"; } 2>"$file.cpu"; then
     echo " FAILED" >&2
     cat "$file.txt" "$file.err" >&2
     exit 1
@@ -114,17 +121,32 @@ cc -O2 -static -o hello hello.c
 
 latency_rows() {
   echo "floors (round $round of $rounds)" >&2
+  # Every floor waits for its next request awake, as the worker's pool does
+  # (examples/floor_support): a floor that slept would pay a core wake-up the
+  # worker skips, and the worker would come out below it.
   row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
   row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
   # The same with the one hop the worker's design makes (the thread that reads
   # hands each request to another thread): what that hop costs on this machine.
   row "floor proto via thread" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto" --via-thread
+  # The write rows' floors create the same files the demo tool does.
+  write
+  row "floor proto write" - latency bazel "${n[@]}" "${write[@]}" -- "$floor_proto" --write
   for c in 4 16 64; do
     row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
+    # Files written on every core, as the multiplexed worker writes them.
+    write
+    row "floor proto multiplex $c write" - latency \
+      bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$floor_proto" --write --threads "$(nproc)"
   done
+  # Client and floor (then client and worker, below) pinned to one core: no
+  # side waits for another core to wake, so the ratio is the worker's code.
+  row "pinned floor proto" - latency taskset -c 0 "$client" bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
   for c in 1 4 16; do
     row "floor grpc unary c$c" - latency buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
   done
+  write
+  row "floor grpc unary write c1" - latency buck2 "${n[@]}" "${write[@]}" -- "$floor_grpc" --write
   for c in 16 64; do
     row "floor grpc bidi $c" - latency buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$floor_grpc"
   done
@@ -133,34 +155,33 @@ latency_rows() {
   # to the unary floor that is gRPC's price for that.
   row "floor grpc unary as duplex c1" - latency \
     buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-as-duplex
-  # ... and handed to another thread and back, as the worker hands it to its pool.
-  row "floor grpc unary via thread c1" - latency \
-    buck2 "${n[@]}" "${noop[@]}" -- "$floor_grpc" --execute-via-thread
   row "floor grpc client-streaming c1" - latency buck2 "${n[@]}" --exec "${noop[@]}" -- "$floor_grpc"
   spawn_row "floor process" - "$(min "$requests" 1000)" ./hello
 
   echo "worker (round $round of $rounds)" >&2
   row "bazel proto singleplex noop" "floor proto" latency bazel "${n[@]}" "${noop[@]}" -- "$worker"
   write
-  row "bazel proto singleplex write" "floor proto" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
+  row "bazel proto singleplex write" "floor proto write" latency bazel "${n[@]}" "${write[@]}" -- "$worker"
+  row "pinned bazel proto singleplex noop" "pinned floor proto" latency \
+    taskset -c 0 "$client" bazel "${n[@]}" "${noop[@]}" -- "$worker"
   row "bazel json singleplex noop" "bazel proto singleplex noop" latency \
     bazel "${n[@]}" --json "${noop[@]}" -- "$worker" --worker-protocol json
   write
   row "bazel json singleplex write" "bazel proto singleplex write" latency \
     bazel "${n[@]}" --json "${write[@]}" -- "$worker" --worker-protocol json
   write
-  row "bazel proto multiplex 1 write" "floor proto" latency \
+  row "bazel proto multiplex 1 write" "floor proto write" latency \
     bazel "${n[@]}" --multiplex 1 "${write[@]}" -- "$worker"
   for c in 4 16 64; do
     row "bazel proto multiplex $c noop" "floor proto multiplex $c" latency \
       bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
     write
-    row "bazel proto multiplex $c write" "floor proto multiplex $c" latency \
+    row "bazel proto multiplex $c write" "floor proto multiplex $c write" latency \
       bazel "${n[@]}" --concurrency "$c" "${write[@]}" -- "$worker" --concurrency "$c"
   done
   # Remote executors send the same argument file every time: one file rewritten.
   echo "$(fresh)/out-remote.txt" >remote.args
-  row "remote proto write" "floor proto" latency remote "${n[@]}" -- "$worker" @remote.args
+  row "remote proto write" "floor proto write" latency remote "${n[@]}" -- "$worker" @remote.args
   for c in 1 4 16; do
     row "buck2 Execute c$c" "floor grpc unary c$c" latency \
       buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
@@ -168,7 +189,7 @@ latency_rows() {
   row "buck2 Exec c1" "floor grpc client-streaming c1" latency \
     buck2 "${n[@]}" --exec "${noop[@]}" -- "$worker"
   write
-  row "buck2 Execute c1 write" "floor grpc unary c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
+  row "buck2 Execute c1 write" "floor grpc unary write c1" latency buck2 "${n[@]}" "${write[@]}" -- "$worker"
   for c in 16 64; do
     row "buck2 ExecuteStream $c" "floor grpc bidi $c" latency \
       buck2 "${n[@]}" --stream --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"
@@ -209,27 +230,70 @@ padded() {
 size = int(sys.argv[1]); head = sys.argv[2:]
 print(" ".join(head + ["a" * 1023] * max(1, size // 1024)))' "$@"
 }
-for kib in 1 64 1024 16384; do
+sizes=(1 64 1024 16384)
+for kib in "${sizes[@]}"; do
   bytes=$((kib * 1024))
-  count=$(min "$requests" $((kib <= 64 ? 1000 : kib <= 1024 ? 50 : 8)))
   padded "$bytes" --noop >"req-$kib"
   padded 1024 --noop --reply-bytes "$bytes" >"reply-$kib"
   padded "$bytes" >"echo-$kib"
-  sized=(--requests "$count" --timeout-ms 120000)
-  row "size floor pipe ${kib} KiB" - "size:floor pipe:$bytes" \
-    bazel "${sized[@]}" --requests-file "echo-$kib" -- "$floor_pipe"
-  row "size floor grpc ${kib} KiB" - "size:floor grpc:$bytes" \
-    buck2 "${sized[@]}" --requests-file "echo-$kib" -- "$floor_grpc"
-  row "size bazel request ${kib} KiB" - "size:bazel request:$bytes" \
-    bazel "${sized[@]}" --requests-file "req-$kib" -- "$worker"
-  row "size bazel response ${kib} KiB" - "size:bazel response:$bytes" \
-    bazel "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
-  row "size buck2 request ${kib} KiB" - "size:buck2 request:$bytes" \
-    buck2 "${sized[@]}" --requests-file "req-$kib" -- "$worker"
-  row "size buck2 response ${kib} KiB" - "size:buck2 response:$bytes" \
-    buck2 "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
+done
+# The copy floor: the same bytes written into a pipe and read out into one
+# buffer, several sizes, several times each; its fitted slope is what a MiB
+# of message costs to move at all.
+copy_row() {
+  local file="$out/raw/pipe_copy.$round.json"
+  printf '%-40s' "pipe copy (round $round)" >&2
+  "$release/examples/bench_pipe_copy" 5 "$file"
+  printf '%s\t-\tcopy\t%s\t-\n' "pipe copy" "$file" >>"$rows"
+  echo " ok" >&2
+}
+# Every size row runs in every round: each slope is fitted from all the
+# rounds' points, not from one run of a few 16 MiB requests.
+size_rows() {
+  copy_row
+  for kib in "${sizes[@]}"; do
+    bytes=$((kib * 1024))
+    count=$(min "$requests" $((kib <= 64 ? 1000 : kib <= 1024 ? 50 : 8)))
+    sized=(--requests "$count" --timeout-ms 120000)
+    row "size floor pipe ${kib} KiB" - "size:floor pipe:$bytes" \
+      bazel "${sized[@]}" --requests-file "echo-$kib" -- "$floor_pipe"
+    row "size floor grpc ${kib} KiB" - "size:floor grpc:$bytes" \
+      buck2 "${sized[@]}" --requests-file "echo-$kib" -- "$floor_grpc"
+    row "size bazel request ${kib} KiB" - "size:bazel request:$bytes" \
+      bazel "${sized[@]}" --requests-file "req-$kib" -- "$worker"
+    row "size bazel response ${kib} KiB" - "size:bazel response:$bytes" \
+      bazel "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
+    row "size buck2 request ${kib} KiB" - "size:buck2 request:$bytes" \
+      buck2 "${sized[@]}" --requests-file "req-$kib" -- "$worker"
+    row "size buck2 response ${kib} KiB" - "size:buck2 response:$bytes" \
+      buck2 "${sized[@]}" --requests-file "reply-$kib" -- "$worker"
+  done
+}
+for ((round = 1; round <= rounds; round++)); do
+  size_rows
 done
 
 cd "$root"
 python3 ci/bench_report.py "$rows" "$out/results.json" \
   "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files")"
+
+# BENCH_STORE=1: keep this run under bench/results/ with its commit, machine
+# and date; README and docs/performance.md quote figures from those files.
+if [[ ${BENCH_STORE:-} == 1 ]]; then
+  mkdir -p bench/results
+  commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
+  stored="bench/results/$(date -u +%Y-%m-%dT%H%M)-$commit-$profile.json"
+  python3 - "$out/results.json" "$stored" "$commit" "$(nproc) cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
+    "$profile build, $requests requests per latency row, $rounds rounds" <<'PY'
+import datetime, json, sys
+src, dst, commit, machine, run = sys.argv[1:6]
+with open(src) as f:
+    rows = json.load(f)
+stored = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "machine": machine, "run": run, "rows": rows}
+with open(dst, "w") as f:
+    json.dump(stored, f, indent=1)
+    f.write("\n")
+PY
+  echo "stored: $stored"
+fi

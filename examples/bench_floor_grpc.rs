@@ -12,29 +12,37 @@
 //! dropping the call is seen while the request runs). The difference between
 //! the two `Execute` floors is the price of that, not of the worker's code.
 //!
-//! With `--execute-via-thread`, `Execute` is served as a duplex call whose
-//! request goes through a crossbeam channel to a second thread, which hands
-//! the bytes back and wakes the call: the hop between gRPC's thread and a
-//! pool thread that the worker makes, and nothing else of the worker.
+//! With `--write`, `Execute` is a write request of the demo tool: the floor
+//! decodes the command and writes the file its last argument names, as the
+//! demo does, before answering, so that a write row is compared with a floor
+//! that creates the same files.
 //!
-//! No protobuf decoding and no thread beyond gRPC's own. An echoed
+//! `ExecuteStream` keeps reading while an answer is being written, as the
+//! worker's calls do: a floor that stopped reading for each write would
+//! alternate the two and come out slower than the worker it bounds.
+//!
+//! No protobuf decoding (but `--write`'s) and no thread beyond gRPC's own. An echoed
 //! `ExecuteCommand` decodes as an `ExecuteResponse` with exit code 0 (argv and
 //! env have wire types that `ExecuteResponse` does not use for those numbers,
 //! so they become unknown fields), and an echoed `ExecuteCommandStream` keeps
 //! its `id`, so the benchmark client drives this floor as it drives the worker.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use futures_util::{FutureExt, SinkExt, TryStreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, TryStreamExt};
 use grpcio::{
-    EnvBuilder, GrpcSlice, Marshaller, MessageReader, Method, MethodType, ServerBuilder,
-    ServerCredentials, ServiceBuilder, WriteFlags,
+    DuplexSink, EnvBuilder, GrpcSlice, Marshaller, MessageReader, Method, MethodType,
+    RequestStream, ServerBuilder, ServerCredentials, ServiceBuilder, WriteFlags,
 };
+use persistent_worker::proto::worker::ExecuteCommand;
+use protobuf::Message;
 
 fn read_bytes(mut reader: MessageReader) -> grpcio::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(reader.len());
@@ -72,43 +80,78 @@ const BIDI: Method<Vec<u8>, Vec<u8>> =
 const UNARY_AS_DUPLEX: Method<Vec<u8>, Vec<u8>> =
     echo_method(MethodType::Duplex, "/worker.Worker/Execute");
 
-/// A one-shot slot the echo thread fills, waking the call that waits on it.
-#[derive(Clone, Default)]
-struct Reply(Arc<Mutex<Slot>>);
+/// An `ExecuteStream` call served the way the worker serves one: each turn
+/// sends the next echo when the sink is ready and reads the next message
+/// whether or not a write is in flight.
+struct Echo {
+    input: RequestStream<Vec<u8>>,
+    sink: DuplexSink<Vec<u8>>,
+    queued: VecDeque<Vec<u8>>,
+    reading: bool,
+}
 
-/// The echoed bytes once there, and the call's waker until then.
-type Slot = (Option<Vec<u8>>, Option<Waker>);
+impl Future for Echo {
+    type Output = ();
 
-impl Future for Reply {
-    type Output = Vec<u8>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<u8>> {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.0.take() {
-            Some(bytes) => Poll::Ready(bytes),
-            None => {
-                slot.1 = Some(cx.waker().clone());
-                Poll::Pending
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            let mut progress = false;
+            if !this.queued.is_empty() {
+                match Pin::new(&mut this.sink).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        if let Some(message) = this.queued.pop_front() {
+                            let sent = Pin::new(&mut this.sink)
+                                .start_send((message, WriteFlags::default()));
+                            if sent.is_err() {
+                                return Poll::Ready(());
+                            }
+                            progress = true;
+                        }
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+            }
+            if this.reading {
+                match Pin::new(&mut this.input).poll_next(cx) {
+                    Poll::Ready(Some(Ok(message))) => {
+                        this.queued.push_back(message);
+                        progress = true;
+                    }
+                    Poll::Ready(Some(Err(_))) => return Poll::Ready(()),
+                    Poll::Ready(None) => {
+                        this.reading = false;
+                        progress = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !this.reading && this.queued.is_empty() {
+                return Pin::new(&mut this.sink).poll_close(cx).map(|_| ());
+            }
+            if !progress {
+                return Poll::Pending;
             }
         }
     }
 }
 
-fn start_echo_thread() -> crossbeam_channel::Sender<(Vec<u8>, Reply)> {
-    let (sender, receiver) = crossbeam_channel::unbounded::<(Vec<u8>, Reply)>();
-    std::thread::spawn(move || {
-        for (bytes, reply) in receiver {
-            let waker = {
-                let mut slot = reply.0.lock().unwrap_or_else(|e| e.into_inner());
-                slot.0 = Some(bytes);
-                slot.1.take()
-            };
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-        }
-    });
-    sender
+/// The demo tool's write, for an echoed `ExecuteCommand`: its last argument
+/// is OUTFILE.
+fn write_outfile(request: &[u8]) {
+    let command = match ExecuteCommand::parse_from_bytes(request) {
+        Ok(command) => command,
+        Err(e) => return eprintln!("bench_floor_grpc: cannot decode the command: {e}"),
+    };
+    let Some(last) = command.argv.last() else {
+        return eprintln!("bench_floor_grpc: a write request needs OUTFILE");
+    };
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(last));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if let Err(e) = std::fs::write(path, format!("{name}\n")) {
+        eprintln!("bench_floor_grpc: cannot write {}: {e}", path.display());
+    }
 }
 
 fn main() -> ExitCode {
@@ -116,31 +159,27 @@ fn main() -> ExitCode {
         eprintln!("bench_floor_grpc: WORKER_SOCKET is not set");
         return ExitCode::from(2);
     };
-    let (as_duplex, via_thread) = match std::env::args().nth(1).as_deref() {
-        None => (false, false),
-        Some("--execute-as-duplex") => (true, false),
-        Some("--execute-via-thread") => (true, true),
-        Some(other) => {
-            eprintln!("bench_floor_grpc: unknown argument {other:?}");
-            return ExitCode::from(2);
+    let (mut as_duplex, mut write) = (false, false);
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--execute-as-duplex" => as_duplex = true,
+            "--write" => write = true,
+            other => {
+                eprintln!("bench_floor_grpc: unknown argument {other:?}");
+                return ExitCode::from(2);
+            }
         }
-    };
+    }
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-cq").build());
     let service = ServiceBuilder::new();
-    let hop = via_thread.then(start_echo_thread);
     let service = if as_duplex {
         service.add_duplex_streaming_handler(
             &UNARY_AS_DUPLEX,
             move |ctx, mut requests, mut sink| {
-                let hop = hop.clone();
                 ctx.spawn(async move {
-                    if let Ok(Some(mut request)) = requests.try_next().await {
-                        if let Some(hop) = &hop {
-                            let reply = Reply::default();
-                            if hop.send((request, reply.clone())).is_err() {
-                                return;
-                            }
-                            request = reply.await;
+                    if let Ok(Some(request)) = requests.try_next().await {
+                        if write {
+                            write_outfile(&request);
                         }
                         let _ = sink.send((request, WriteFlags::default())).await;
                     }
@@ -149,7 +188,10 @@ fn main() -> ExitCode {
             },
         )
     } else {
-        service.add_unary_handler(&UNARY, |ctx, request, sink| {
+        service.add_unary_handler(&UNARY, move |ctx, request, sink| {
+            if write {
+                write_outfile(&request);
+            }
             ctx.spawn(sink.success(request).map(|_| ()));
         })
     };
@@ -161,11 +203,12 @@ fn main() -> ExitCode {
                 }
             });
         })
-        .add_duplex_streaming_handler(&BIDI, |ctx, requests, mut sink| {
-            ctx.spawn(async move {
-                let mut echoed = requests.map_ok(|m| (m, WriteFlags::default()));
-                let _ = sink.send_all(&mut echoed).await;
-                let _ = sink.close().await;
+        .add_duplex_streaming_handler(&BIDI, |ctx, input, sink| {
+            ctx.spawn(Echo {
+                input,
+                sink,
+                queued: VecDeque::new(),
+                reading: true,
             });
         })
         .build();

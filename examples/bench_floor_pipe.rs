@@ -1,12 +1,18 @@
 //! Benchmark floor for the Bazel protocol's transport: reads varint-framed
 //! messages on stdin and writes each one back unchanged on stdout. No
 //! protobuf, no threads, one read buffer reused for every frame and one write
-//! per frame: what moving the bytes through two pipes costs and no more.
+//! per frame: what moving the bytes through two pipes costs and no more. It
+//! waits for the next frame awake as the worker's pool does
+//! (`floor_support`), so the worker's waiting policy is not counted in its
+//! favour.
 //!
 //! An echoed `WorkRequest` decodes as a `WorkResponse` (exit code 0, the same
 //! `request_id`; the request's other fields have other wire types or numbers
 //! and become unknown fields), so the benchmark client drives this floor
 //! exactly as it drives the worker.
+
+#[path = "floor_support/mod.rs"]
+mod floor_support;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -14,8 +20,10 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 
+use floor_support::AwakeStdin;
+
 fn main() -> ExitCode {
-    let mut input = BufReader::with_capacity(64 << 10, std::io::stdin().lock());
+    let mut input = BufReader::with_capacity(64 << 10, AwakeStdin);
     // SAFETY: fd 1 is open for the whole process; ManuallyDrop keeps it open.
     let mut output = ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
     let mut frame = Vec::new();

@@ -14,6 +14,10 @@ use crate::bazel::WireFormat;
 use crate::bridge::{Recycle, DEFAULT_MAX_ENV_KEYS};
 use crate::quote::{quoted, quoted_bytes};
 
+/// The slice asked for by default: the shortest the kernel grants (0.1 ms;
+/// see `sched` for why, and docs/performance.md for what it measured).
+pub const DEFAULT_SLICE: Duration = Duration::from_micros(100);
+
 pub const USAGE: &str = "\
 usage: persistent-worker [OPTIONS] --persistent_worker    Bazel-protocol worker on stdin/stdout
        WORKER_SOCKET=PATH persistent-worker [OPTIONS]     Buck2 worker (gRPC on a Unix socket)
@@ -37,6 +41,9 @@ options:
                              all of them together (default 67108864)
   --shutdown-grace-ms N      Buck2 and Bazel: how long in-flight requests may
                              finish after SIGTERM/SIGINT (default 2000)
+  --slice-us N               time slice the worker's threads ask the kernel
+                             for, so they preempt a busy build on wake-up
+                             (Linux 6.12+; default 100, 0 = kernel default)
   --verbose                  log each request's start and end on stderr
 bridge options:
   --bridge                   serve requests with child workers `CMD ARGS...`
@@ -74,6 +81,9 @@ pub struct Options {
     pub max_message_bytes: usize,
     pub max_argfile_bytes: usize,
     pub shutdown_grace: Duration,
+    /// The time slice the worker's threads ask the kernel for (`sched`);
+    /// zero keeps the kernel's default.
+    pub slice: Duration,
     /// Log every request's start and end on stderr.
     pub verbose: bool,
     /// One-shot only: the request's arguments, already expanded.
@@ -94,6 +104,9 @@ pub struct BridgeOptions {
     pub recycle: Recycle,
 }
 
+// Parsed once per process and matched at once: boxing `Options` would save
+// nothing and cost every caller a dereference.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(Options),
@@ -137,6 +150,7 @@ pub fn parse(
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         max_argfile_bytes: argfile::DEFAULT_MAX_BYTES,
         shutdown_grace: Duration::from_millis(2000),
+        slice: DEFAULT_SLICE,
         verbose: false,
         request_args: Vec::new(),
         bridge: None,
@@ -237,6 +251,9 @@ fn apply(
             Long("shutdown-grace-ms") => {
                 options.shutdown_grace =
                     Duration::from_millis(number(&mut parser, "--shutdown-grace-ms")?)
+            }
+            Long("slice-us") => {
+                options.slice = Duration::from_micros(number(&mut parser, "--slice-us")?)
             }
             Long("verbose") => options.verbose = true,
             Long("bridge") => bridge.on = true,

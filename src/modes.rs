@@ -19,6 +19,29 @@ use crate::{oneshot, process};
 
 /// Runs the whole program for the handler that `make_handler` builds from the
 /// parsed options, and returns the process exit code.
+///
+/// This is all of `main` for a tool that becomes a worker: it reads argv and
+/// `WORKER_SOCKET`, picks the mode (Buck2 gRPC on the socket, the Bazel
+/// protocol with `--persistent_worker`, else one request from argv), serves
+/// until the client is done or a stop signal comes, and returns 0 on a clean
+/// end, 1 on a broken protocol stream, 2 on a usage error. Errors go to
+/// stderr, never to a protocol channel. `make_handler` is called once, after
+/// the command line parsed, so the handler can read the options (the demo
+/// reads `--work-ms`).
+///
+/// `no_run`: the example would serve stdin forever.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use persistent_worker::modes::run_main;
+/// use persistent_worker::request::{Request, Response};
+///
+/// fn main() -> std::process::ExitCode {
+///     run_main(|_options| {
+///         Arc::new(|request: &Request| Response::ok(format!("{} argument(s)\n", request.args.len())))
+///     })
+/// }
+/// ```
 pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> ExitCode {
     crate::process::open_missing_std_fds();
     let cwd = match std::env::current_dir() {
@@ -47,6 +70,17 @@ pub fn run_main(make_handler: impl FnOnce(&Options) -> Arc<dyn Handler>) -> Exit
             return ExitCode::from(2);
         }
     };
+    // Before any thread starts: threads inherit the slice.
+    if !options.slice.is_zero() {
+        if let Err(e) = crate::sched::request_slice(options.slice) {
+            if options.verbose {
+                crate::elog!(
+                    "persistent-worker: the kernel's default time slice kept ({} µs asked: {e})",
+                    options.slice.as_micros()
+                );
+            }
+        }
+    }
     // Before any request runs: every front end expands through `pool::run`.
     crate::argfile::set_max_bytes(options.max_argfile_bytes);
     let handler = make_handler(&options);

@@ -8,7 +8,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// One unit of work, as the handler sees it.
+/// One unit of work, as the handler sees it: every front end (a Bazel
+/// `WorkRequest`, a Buck2 `ExecuteCommand`, one-shot's argv) is turned into
+/// one of these before it reaches the pool, so a [`Handler`] never sees a
+/// protocol.
+///
+/// A handler reads `args` and resolves the paths they name with
+/// [`Request::resolve`], never against the process's own directory: under
+/// Bazel's multiplex sandboxing each request has a directory of its own.
+///
+/// ```
+/// use std::path::PathBuf;
+/// use persistent_worker::request::Request;
+///
+/// let request = Request::new(vec!["out/a.txt".into()], PathBuf::from("/work/sandbox/1"));
+/// assert_eq!(request.args, ["out/a.txt"]);
+/// assert_eq!(request.resolve("out/a.txt"), PathBuf::from("/work/sandbox/1/out/a.txt"));
+/// // A front end trips the token; the handler sees it through `stopped`.
+/// assert_eq!(request.cancel.stopped(), None);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Request {
     /// Arguments after argument-file expansion.
@@ -27,7 +45,8 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request with no env, verbosity 0 and no timeout.
+    /// A request with no env, verbosity 0, no id and no timeout: what a
+    /// front end starts from, and what a test of a handler needs.
     pub fn new(args: Vec<String>, workdir: PathBuf) -> Request {
         Request {
             args,
@@ -39,22 +58,49 @@ impl Request {
         }
     }
 
-    /// Resolves a path named by this request against its working directory.
+    /// Resolves a path named by this request against its working directory
+    /// ([`Request::workdir`]); an absolute path stays as it is.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         self.workdir.join(path)
     }
 }
 
-/// Why a request stopped early.
+/// Why a request stopped early: what [`CancelToken::stopped`] and
+/// [`CancelToken::sleep`] report, and what [`Response::stopped`] turns into
+/// the protocol's flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// The client cancelled the request (a Bazel `cancel`, a dropped Buck2
+    /// call, a Buck2 `Exec` cancel event) or the worker is shutting down.
     Cancelled,
+    /// The request's deadline (Buck2's `timeout_s`) passed.
     TimedOut,
 }
 
-/// The outcome of one request.
+/// The outcome of one request, as a [`Handler`] returns it; each front end
+/// writes it back in its own wire form (Bazel's `WorkResponse`, Buck2's
+/// `ExecuteResponse`, one-shot's stderr and exit code).
+///
+/// ```
+/// use persistent_worker::request::{Response, Stop};
+///
+/// let done = Response::ok("demo: wrote out/a.txt\n");
+/// assert_eq!((done.exit_code, done.cancelled), (0, false));
+///
+/// let usage = Response::error(2, "expected exactly one OUTFILE\n");
+/// assert_eq!(usage.exit_code, 2);
+///
+/// // A tool that stopped because its token tripped says why.
+/// let late = Response::stopped(Stop::TimedOut, "stopped before writing out/a.txt\n");
+/// assert!(late.timed_out && late.exit_code != 0);
+///
+/// // Tool output is bytes; invalid UTF-8 does not fail the response.
+/// let raw = Response::with_output_bytes(1, b"caf\xe9\n");
+/// assert_eq!(raw.output, "caf\u{fffd}\n");
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
+    /// The tool's exit code: 0 is success, as for a process.
     pub exit_code: i32,
     /// Text for the user: Bazel's `output`, Buck2's `stderr`.
     pub output: String,
@@ -65,6 +111,7 @@ pub struct Response {
 }
 
 impl Response {
+    /// Success (exit code 0) with `output` for the user.
     pub fn ok(output: impl Into<String>) -> Response {
         Response {
             output: output.into(),
@@ -72,6 +119,8 @@ impl Response {
         }
     }
 
+    /// Failure with `exit_code` (which should not be 0) and `output` saying
+    /// why.
     pub fn error(exit_code: i32, output: impl Into<String>) -> Response {
         Response {
             exit_code,
@@ -102,7 +151,48 @@ impl Response {
 /// end (one-shot, Bazel, Buck2) can drive the tool. It runs on a pool thread,
 /// possibly many requests at once, and should poll `request.cancel` (or sleep
 /// through [`CancelToken::sleep`]) during long work.
+///
+/// A panic in `handle` does not kill the worker: the pool turns it into an
+/// error response for that request. A closure `Fn(&Request) -> Response` is a
+/// handler too. [`crate::modes::run_main`] gives a handler all the modes.
+///
+/// ```
+/// use std::path::PathBuf;
+/// use std::time::Duration;
+/// use persistent_worker::request::{Handler, Request, Response};
+///
+/// /// Writes its one argument's file name into that file, slowly.
+/// struct Touch;
+///
+/// impl Handler for Touch {
+///     fn handle(&self, request: &Request) -> Response {
+///         let [outfile] = request.args.as_slice() else {
+///             return Response::error(2, "usage: OUTFILE\n");
+///         };
+///         // Long work sleeps through the token, so a cancel or the
+///         // request's timeout ends it at once.
+///         if let Err(stop) = request.cancel.sleep(Duration::from_millis(1)) {
+///             return Response::stopped(stop, "stopped\n");
+///         }
+///         match std::fs::write(request.resolve(outfile), format!("{outfile}\n")) {
+///             Ok(()) => Response::ok(format!("wrote {outfile}\n")),
+///             Err(e) => Response::error(1, format!("{outfile}: {e}\n")),
+///         }
+///     }
+/// }
+///
+/// let dir = std::env::temp_dir();
+/// let bad = Touch.handle(&Request::new(vec![], dir.clone()));
+/// assert_eq!(bad.exit_code, 2);
+///
+/// let cancelled = Request::new(vec!["never.txt".into()], dir);
+/// cancelled.cancel.cancel();
+/// assert!(Touch.handle(&cancelled).cancelled);
+/// ```
 pub trait Handler: Send + Sync + 'static {
+    /// Serves one request. Called on a pool thread, concurrently with other
+    /// requests up to `--concurrency`; the response goes back to the client
+    /// that sent the request.
     fn handle(&self, request: &Request) -> Response;
 
     /// Called once by the front end when the worker stops, after running
@@ -123,6 +213,18 @@ where
 /// Shared flag a front end trips to stop a request. Cloning shares the flag.
 /// An optional deadline turns into [`Stop::TimedOut`] without a timer thread:
 /// every check compares against it.
+///
+/// ```
+/// use std::time::Duration;
+/// use persistent_worker::request::{CancelToken, Stop};
+///
+/// let token = CancelToken::new();
+/// let front_end = token.clone();
+/// assert_eq!(token.sleep(Duration::from_millis(1)), Ok(()));
+/// front_end.cancel();
+/// assert_eq!(token.stopped(), Some(Stop::Cancelled));
+/// assert_eq!(token.sleep(Duration::from_secs(60)), Err(Stop::Cancelled));
+/// ```
 #[derive(Debug, Clone)]
 pub struct CancelToken {
     inner: Arc<TokenInner>,
@@ -146,6 +248,7 @@ impl Default for CancelToken {
 }
 
 impl CancelToken {
+    /// A token that is not cancelled and has no deadline.
     pub fn new() -> CancelToken {
         CancelToken {
             inner: Arc::new(TokenInner {

@@ -13,9 +13,47 @@ use crate::proto::worker_protocol::{WorkRequest, WorkResponse};
 use crate::quote::quoted;
 
 /// Chosen with `--worker-protocol`; Bazel tells the worker nothing else.
+///
+/// The worker reads requests and writes responses with it; a client (a test,
+/// `worker-client`) uses the other two methods, so both ends share one codec.
+///
+/// ```
+/// use std::io::Cursor;
+/// use persistent_worker::bazel::WireFormat;
+/// use persistent_worker::bazel::framing::DEFAULT_MAX_MESSAGE_BYTES as MAX;
+/// use persistent_worker::proto::worker_protocol::{WorkRequest, WorkResponse};
+///
+/// for format in [WireFormat::Proto, "json".parse().unwrap()] {
+///     // A client sends two requests in one write...
+///     let mut request = WorkRequest::new();
+///     request.arguments = vec!["out/a.txt".into()];
+///     request.request_id = 7;
+///     let mut stream = format.encode_request(&request);
+///     stream.extend(format.encode_request(&WorkRequest::new()));
+///
+///     // ...and the worker reads them back one by one, then a clean end.
+///     let mut input = Cursor::new(stream);
+///     let first = format.read_request(&mut input, MAX).unwrap().unwrap();
+///     assert_eq!(first.arguments, ["out/a.txt"]);
+///     assert_eq!(first.request_id, 7);
+///     assert!(format.read_request(&mut input, MAX).unwrap().is_some());
+///     assert!(format.read_request(&mut input, MAX).unwrap().is_none());
+///
+///     // The response, one buffer for one write, as the client decodes it.
+///     let mut response = WorkResponse::new();
+///     response.request_id = 7;
+///     response.output = "demo: wrote out/a.txt\n".into();
+///     let bytes = format.encode_response(&response);
+///     let back = format.read_response(&mut Cursor::new(bytes), MAX).unwrap().unwrap();
+///     assert_eq!(back, response);
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireFormat {
+    /// Varint-delimited protobuf, Bazel's default.
     Proto,
+    /// Protobuf's JSON mapping, one object per message
+    /// (`requires-worker-protocol: json`).
     Json,
 }
 

@@ -1,6 +1,25 @@
 //! Length-delimited frames: each message preceded by its length as an
 //! unsigned LEB128 varint (protobuf's "delimited" format), written by hand so
 //! that every limit is ours to choose and test.
+//!
+//! Parsing is separate from I/O: [`decode_varint`] works on bytes, and the
+//! readers take any [`Read`] or [`BufRead`], so a test or a fuzz target feeds
+//! them a byte slice.
+//!
+//! ```
+//! use persistent_worker::bazel::framing::{encode_frame, read_frame, FrameError};
+//!
+//! let mut stream = encode_frame(b"first");
+//! stream.extend(encode_frame(b""));
+//! let mut input = stream.as_slice();
+//! assert_eq!(read_frame(&mut input, 1024).unwrap().as_deref(), Some(&b"first"[..]));
+//! assert_eq!(read_frame(&mut input, 1024).unwrap().as_deref(), Some(&b""[..]));
+//! assert!(read_frame(&mut input, 1024).unwrap().is_none()); // a clean end
+//!
+//! // A frame over the limit is refused before its payload is read.
+//! let big = encode_frame(&[0; 2000]);
+//! assert!(matches!(read_frame(&mut big.as_slice(), 1024), Err(FrameError::TooLarge { .. })));
+//! ```
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
@@ -58,6 +77,16 @@ impl fmt::Display for FrameError {
 impl std::error::Error for FrameError {}
 
 /// Appends `value` as a varint.
+///
+/// ```
+/// use persistent_worker::bazel::framing::{decode_varint, encode_varint};
+///
+/// let mut bytes = Vec::new();
+/// encode_varint(300, &mut bytes);
+/// assert_eq!(bytes, [0xac, 0x02]);
+/// assert_eq!(decode_varint(&bytes).unwrap(), Some((300, 2)));
+/// assert_eq!(decode_varint(&bytes[..1]).unwrap(), None); // needs more bytes
+/// ```
 pub fn encode_varint(mut value: u64, out: &mut Vec<u8>) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -146,6 +175,14 @@ pub fn read_frame(input: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, 
 /// sits whole in `input`'s buffer (every small request of a busy client) is
 /// decoded where it lies, without a copy or an allocation; any other goes
 /// through [`read_frame`], and so does every error.
+///
+/// ```
+/// use persistent_worker::bazel::framing::{encode_frame, with_frame};
+///
+/// let stream = encode_frame(b"hello");
+/// let mut input = stream.as_slice();
+/// assert_eq!(with_frame(&mut input, 1024, |payload| payload.len()).unwrap(), Some(5));
+/// ```
 pub fn with_frame<T>(
     input: &mut impl BufRead,
     max: usize,

@@ -1,6 +1,6 @@
 //! The Bazel worker loop. Requests enter in [`serve`] on the reading thread,
 //! run on the pool, and their responses leave through the
-//! [`ResponseWriter`](super::writer::ResponseWriter) from the pool thread that
+//! [`ResponseWriter`] from the pool thread that
 //! finished them (or one finishing beside it).
 //!
 //! Request id 0 is singleplex: an id-0 request waits for the previous one to

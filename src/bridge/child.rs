@@ -97,6 +97,7 @@ fn spawn_process(spec: &Spec) -> std::io::Result<std::process::Child> {
         .split_first()
         .ok_or_else(|| std::io::Error::other("empty command"))?;
     let parent = std::process::id() as libc::pid_t;
+    let nice = crate::sched::nice_for_children();
     let mut command = Command::new(program);
     command
         .args(args)
@@ -125,6 +126,9 @@ fn spawn_process(spec: &Spec) -> std::io::Result<std::process::Child> {
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
+            // The worker's short slice is for its own threads' wake-ups; a
+            // compiler child runs long and keeps the kernel's default.
+            crate::sched::default_slice_in_child(nice);
             Ok(())
         });
     }

@@ -1,7 +1,7 @@
 //! The three RPCs, each one future per call on the completion-queue thread.
 //!
 //! A call future only moves messages: it turns each incoming command into a
-//! [`Request`] and submits it to the pool. The call's sink sits in a mailbox
+//! [`Request`](crate::request::Request) and submits it to the pool. The call's sink sits in a mailbox
 //! it shares with the pool threads running its requests.
 //!
 //! A call that carries one request (`Execute`, `Exec`) is answered by the

@@ -390,6 +390,15 @@ fn json_number(x: f64) -> String {
     }
 }
 
+/// The share (0 to 1) of the sorted latencies `ms` above `limit_ms`.
+fn over_share(ms: &[f64], limit_ms: f64) -> f64 {
+    if ms.is_empty() {
+        return 0.0;
+    }
+    let within = ms.partition_point(|&x| x <= limit_ms);
+    (ms.len() - within) as f64 / ms.len() as f64
+}
+
 pub fn json(m: &Measurement, command: &[String]) -> String {
     let ms = m.sorted_ms();
     let mean = if ms.is_empty() {
@@ -421,7 +430,7 @@ pub fn json(m: &Measurement, command: &[String]) -> String {
         "{{\n  \"mode\": {},\n  \"protocol\": {},\n  \"worker\": [{}],\n  \"requests\": {},\n  \
          \"concurrency\": {},\n  \"failed\": {},\n  \"startup_ms\": {},\n  \"elapsed_ms\": {},\n  \
          \"throughput_per_s\": {},\n  \"latency_ms\": {{\"min\": {}, \"mean\": {}, \"p50\": {}, \
-         \"p90\": {}, \"p99\": {}, \"p999\": {}, \"max\": {}}}{}{}\n}}\n",
+         \"p90\": {}, \"p99\": {}, \"p999\": {}, \"max\": {}, \"over_2ms_share\": {}}}{}{}\n}}\n",
         json_string(m.mode.name()),
         json_string(&m.transport),
         command.join(", "),
@@ -438,6 +447,9 @@ pub fn json(m: &Measurement, command: &[String]) -> String {
         json_number(percentile(&ms, 99.0)),
         json_number(percentile(&ms, 99.9)),
         json_number(ms.last().copied().unwrap_or(0.0)),
+        // The share of requests that waited about a scheduler tick or more:
+        // under load a p99 flips with it, the share does not.
+        json_number(over_share(&ms, 2.0)),
         memory,
         starts,
     )
@@ -455,6 +467,13 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 99.0);
         assert_eq!(percentile(&[7.0], 99.0), 7.0);
         assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn the_share_over_a_limit_counts_only_what_exceeds_it() {
+        assert_eq!(over_share(&[0.5, 1.0, 2.0, 2.5, 4.0], 2.0), 0.4);
+        assert_eq!(over_share(&[0.1, 0.2], 2.0), 0.0);
+        assert_eq!(over_share(&[], 2.0), 0.0);
     }
 
     #[test]

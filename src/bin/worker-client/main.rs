@@ -5,7 +5,7 @@
 //!   conformance checks every stdio mode shares.
 //! - [`remote`]: the same protocol as a BuildBuddy-style executor speaks it.
 //! - [`buck2`]: Buck2's gRPC protocol on a Unix socket.
-//! - [`bench`]: timing any of the three.
+//! - [`bench`](mod@bench): timing any of the three.
 //! - [`requests`], [`child`], [`digest`]: request lists, worker processes,
 //!   SHA-256 for input digests.
 

@@ -1,0 +1,83 @@
+//! What the benchmark floors share: waiting for the next request awake, as
+//! the worker's pool does, and doing a write request's file the way the demo
+//! tool does. A floor is the transport with nothing in the way; if it paid a
+//! core wake-up (or skipped a file) that the worker does not, the worker
+//! would come out faster than its floor and the ratio would measure the
+//! waiting policy, not the worker's code.
+
+#![allow(dead_code)] // Each floor uses the part it needs.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The longest the worker's pool waits awake for the next job
+/// (`STAY_AWAKE_MAX` in the worker's pool). Floors wait at least as long, so
+/// a client in lockstep never finds the floor asleep where it finds the
+/// worker awake.
+pub const STAY_AWAKE: Duration = Duration::from_micros(500);
+
+/// Standard input, read after up to [`STAY_AWAKE`] of looking for data
+/// (polling and yielding, as the pool's awake thread does) before a blocking
+/// read. Wrapped in a `BufReader`, it is asked only when the buffer is empty.
+pub struct AwakeStdin;
+
+impl Read for AwakeStdin {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let stdin = std::io::stdin();
+        let fd = stdin.as_raw_fd();
+        let until = Instant::now() + STAY_AWAKE;
+        loop {
+            let mut poll = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no wait.
+            let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+            if ready != 0 || Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        stdin.lock().read(buf)
+    }
+}
+
+/// Receives from `jobs`, looking for a job awake for up to [`STAY_AWAKE`]
+/// before blocking: the floors' threads wait as the worker's pool threads do.
+pub fn recv_awake<T>(jobs: &crossbeam_channel::Receiver<T>) -> Option<T> {
+    let until = Instant::now() + STAY_AWAKE;
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => return Some(job),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+            Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < until => {
+                std::thread::yield_now();
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => return jobs.recv().ok(),
+        }
+    }
+}
+
+/// Does what the demo tool does for a write request whose one argument is
+/// OUTFILE (or `@FILE` holding it, as a remote engine sends it): writes the
+/// file name and a newline to OUTFILE.
+pub fn write_outfile(args: &[String]) -> Result<(), String> {
+    let first = args.first().ok_or("a write request needs OUTFILE")?;
+    let path = match first.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {file}: {e}"))?
+            .trim()
+            .to_owned(),
+        None => first.clone(),
+    };
+    let path = PathBuf::from(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{name}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -1,0 +1,130 @@
+//! What the worker asks of the kernel's scheduler: a short time slice for
+//! its own threads, so that a request's thread, woken by its client, runs at
+//! once on a machine whose cores are busy with a build.
+//!
+//! Why: with every core busy, a woken thread on Linux's EEVDF scheduler
+//! (6.6 and later) may wait until the running task's slice ends, up to a
+//! scheduler tick (4 ms at 250 Hz), even when that task is `nice 19`. From
+//! 6.12 a task may ask for a shorter slice (`sched_setattr` with
+//! `sched_runtime`, 0.1 ms to 100 ms), and a waking task with a shorter slice
+//! than the running one preempts it (the PREEMPT_SHORT scheduler feature).
+//! An unprivileged process may ask this for itself: the policy stays
+//! `SCHED_OTHER` and the nice value stays what it is. Threads inherit the
+//! slice when they are created, so it is asked once, before any thread
+//! starts. On older kernels the call fails or changes nothing; the worker
+//! then runs as before.
+//!
+//! Never for the worker's children: a bridge's child (a compiler) gets the
+//! kernel's default slice back before it runs ([`default_slice_in_child`]).
+
+use std::time::Duration;
+
+/// `struct sched_attr` up to `sched_period` (`SCHED_ATTR_SIZE_VER0`).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+/// Sets the calling thread's slice to `slice`, or back to the kernel's
+/// default with `Duration::ZERO`, keeping its policy (`SCHED_OTHER`) and its
+/// nice value. Only system calls: safe between fork and exec.
+fn set_slice(slice: Duration, nice: i32) -> std::io::Result<()> {
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        nice,
+        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
+        ..SchedAttr::default()
+    };
+    // SAFETY: a valid sched_attr of the size it declares, for this thread.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// This process's nice value (`getpriority` returns it as is on Linux's
+/// libc wrapper; -1 is a valid value, so errno decides).
+fn nice() -> std::io::Result<i32> {
+    // SAFETY: plain system calls; errno is this thread's.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        match *libc::__errno_location() {
+            0 => Ok(n),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Asks for `slice` for the calling thread and every thread it starts from
+/// now on. The caller decides what a failure means (older kernels refuse a
+/// `sched_runtime` for `SCHED_OTHER`).
+pub fn request_slice(slice: Duration) -> std::io::Result<()> {
+    set_slice(slice, nice()?)
+}
+
+/// The slice the kernel gives the calling thread now, from
+/// `/proc/thread-self/sched` (`se.slice`, in ns); `None` where the kernel
+/// does not show it.
+pub fn current_slice() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("se.slice"))?;
+    let ns: u64 = line.rsplit(':').next()?.trim().parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// For `pre_exec`: gives a child process the kernel's default slice back,
+/// `nice` being the value it runs at. Errors are ignored: a kernel without
+/// custom slices gave the worker none to inherit.
+pub fn default_slice_in_child(nice: i32) {
+    let _ = set_slice(Duration::ZERO, nice);
+}
+
+/// The nice value to pass to [`default_slice_in_child`], read before fork.
+pub fn nice_for_children() -> i32 {
+    nice().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a kernel with custom slices (6.12+), the slice asked for is the
+    /// slice a thread started afterwards runs with, and a thread can go back
+    /// to the default. Elsewhere the request fails and nothing is asserted.
+    #[test]
+    fn a_requested_slice_is_inherited_by_new_threads() {
+        let Some(default) = current_slice() else {
+            return eprintln!("no se.slice in /proc/thread-self/sched: not checked");
+        };
+        let asked = Duration::from_micros(100);
+        let (inherited, restored) = std::thread::spawn(move || {
+            if let Err(e) = request_slice(asked) {
+                eprintln!("sched_setattr refused ({e}): not checked");
+                return (None, None);
+            }
+            let inherited = std::thread::spawn(current_slice).join().ok().flatten();
+            let _ = set_slice(Duration::ZERO, nice_for_children());
+            (inherited, current_slice())
+        })
+        .join()
+        .expect("the test thread ran");
+        if let Some(inherited) = inherited {
+            assert_eq!(inherited, asked);
+            assert_eq!(restored, Some(default));
+        }
+    }
+}
