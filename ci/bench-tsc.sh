@@ -40,6 +40,11 @@
 # who edits a file sees.
 # BENCH_PROFILE (default release; debug for a quick run without a release
 # build): which build of persistent-worker and worker-client is measured.
+# BENCH_TSC_WORKER_BIN, BENCH_TSC_CLIENT_BIN: paths of an already built
+# persistent-worker and worker-client to measure instead (both or neither;
+# nothing is built then). The client's own cost is tiny beside tsc's, so a
+# debug worker-client serves; the bridge's share is the worker's, so
+# persistent-worker should be a release build. The JSON names both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -51,15 +56,31 @@ fi
 modules=${BENCH_TSC_MODULES:-300}
 settle=${BENCH_TSC_SETTLE_S:-1}
 profile=${BENCH_PROFILE:-release}
-case $profile in
-  release) cargo build --release --quiet --bins ;;
-  debug) cargo build --quiet --bins ;;
-  *)
-    echo "bench-tsc.sh: BENCH_PROFILE must be release or debug" >&2
+worker_bin=${BENCH_TSC_WORKER_BIN:-}
+client_bin=${BENCH_TSC_CLIENT_BIN:-}
+if [ -n "$worker_bin" ] || [ -n "$client_bin" ]; then
+  if [ -z "$worker_bin" ] || [ -z "$client_bin" ]; then
+    echo "bench-tsc.sh: give both BENCH_TSC_WORKER_BIN and BENCH_TSC_CLIENT_BIN, or neither" >&2
     exit 2
-    ;;
-esac
-bin="$root/target/$profile"
+  fi
+  for b in "$worker_bin" "$client_bin"; do
+    [ -x "$b" ] || { echo "bench-tsc.sh: $b is not an executable" >&2; exit 2; }
+  done
+  worker_bin=$(realpath "$worker_bin")
+  client_bin=$(realpath "$client_bin")
+  profile=given
+else
+  case $profile in
+    release) cargo build --release --quiet --bins ;;
+    debug) cargo build --quiet --bins ;;
+    *)
+      echo "bench-tsc.sh: BENCH_PROFILE must be release or debug" >&2
+      exit 2
+      ;;
+  esac
+  worker_bin="$root/target/$profile/persistent-worker"
+  client_bin="$root/target/$profile/worker-client"
+fi
 work="$root/target/bench-tsc"
 project="$work/project"
 helper=(python3 "$root/ci/bench_tsc.py")
@@ -136,11 +157,11 @@ warm() {
   client=(--timeout-ms 600000 --repeat 4 --request '--project tsconfig.json'
     --before-request "sh $hook {n} $mark $counts $cpus")
   if [ "$way" = bridge ]; then
-    client=(buck2 "${client[@]}" -- "$bin/persistent-worker" --verbose --bridge -- "${worker[@]}")
+    client=(buck2 "${client[@]}" -- "$worker_bin" --verbose --bridge -- "${worker[@]}")
   else
     client=(bazel "${client[@]}" -- "${worker[@]}")
   fi
-  if ! (cd "$project" && "$bin/worker-client" "${client[@]}") >"$log" 2>&1; then
+  if ! (cd "$project" && "$client_bin" "${client[@]}") >"$log" 2>&1; then
     echo "bench-tsc.sh: worker-client $way failed (round $round); its output:" >&2
     tail -n 40 "$log" >&2
     exit 1
@@ -204,6 +225,8 @@ json.dump({
     "date_utc": "$stamp",
     "commit": "$commit",
     "profile": "$profile",
+    "persistent_worker": "$worker_bin",
+    "worker_client": "$client_bin",
     "nproc": $(nproc),
     "kernel": "$(uname -r)",
     "node": "$("$node" --version)",
