@@ -228,6 +228,8 @@ json.dump({
     "persistent_worker": "$worker_bin",
     "worker_client": "$client_bin",
     "nproc": $(nproc),
+    "cpu": "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)",
+    "mem_total": "$(sed -n 's/^MemTotal:[[:space:]]*//p' /proc/meminfo)",
     "kernel": "$(uname -r)",
     "node": "$("$node" --version)",
     "tsc": "$("${tsc[@]}" --version | sed 's/^Version //')",
