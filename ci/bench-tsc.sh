@@ -34,10 +34,10 @@
 #
 # BENCH_TSC_SETTLE_S (default 1): the pause before each rebuild, untimed and
 # the same for every way. The worker learns of edits from fs.watch events,
-# which it handles only when idle; without a pause the edit's event can
-# arrive after the next request and that request compiles the old text
-# (docs/bridge-typescript.md). A rebuild after a pause is also what a user
-# who edits a file sees.
+# which it handles only when idle; nothing orders the edit's event before
+# the next request, which would then compile the old text (not seen with
+# BENCH_TSC_SETTLE_S=0 in 6 edits; docs/bridge-typescript.md). A rebuild
+# after a pause is also what a user who edits a file sees.
 # BENCH_PROFILE (default release; debug for a quick run without a release
 # build): which build of persistent-worker and worker-client is measured.
 # BENCH_TSC_WORKER_BIN, BENCH_TSC_CLIENT_BIN: paths of an already built
