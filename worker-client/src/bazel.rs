@@ -354,6 +354,16 @@ pub fn drive(
     plan: &Plan,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Answer>, Failure> {
+    drive_with(worker, plan, None, progress)
+}
+
+/// [`drive`], running `before` (`--before-request`) ahead of each request.
+pub fn drive_with(
+    worker: &mut StdioWorker,
+    plan: &Plan,
+    before: Option<&str>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<Answer>, Failure> {
     let mut answers = Vec::with_capacity(plan.requests.len());
     let mut in_flight: HashMap<i32, InFlight> = HashMap::new();
     let mut answered: HashSet<i32> = HashSet::new();
@@ -364,6 +374,9 @@ pub fn drive(
             if in_flight.contains_key(&request.request_id) {
                 // Singleplex id 0 waits here for its answer.
                 break;
+            }
+            if let Some(command) = before {
+                requests::before(command, next).map_err(Failure::Usage)?;
             }
             // Timed before writing: a fast worker may answer before the
             // write call returns.
@@ -624,7 +637,7 @@ pub fn converse(
         println!("started {label}");
     }
     let mut out = std::io::stdout().lock();
-    let answers = drive(worker, plan, &mut |p| {
+    let answers = drive_with(worker, plan, options.before_request.as_deref(), &mut |p| {
         if !quiet {
             show(&mut out, p);
         }

@@ -307,6 +307,12 @@ fn execute_all(
             if n >= end || stop.load(Ordering::SeqCst) {
                 break;
             }
+            if let Some(before) = &options.before_request {
+                if let Err(e) = requests::before(before, n) {
+                    let _ = tx.send(Err(Failure::Usage(e)));
+                    break;
+                }
+            }
             let args = requests::nth(&options.requests, n);
             let request = command(&options, &args);
             let _ = tx.send(Ok((n, args, None)));
@@ -336,10 +342,12 @@ fn execute_all(
                 };
                 break;
             }
-            let event = result.map(|response| {
-                let latency = sent.elapsed();
-                (n, Vec::new(), Some((response, latency)))
-            });
+            let event = result
+                .map(|response| {
+                    let latency = sent.elapsed();
+                    (n, Vec::new(), Some((response, latency)))
+                })
+                .map_err(Failure::Worker);
             if tx.send(event).is_err() {
                 break;
             }
@@ -367,7 +375,8 @@ fn execute_all(
         }
     }
     match first_error {
-        Some(e) => Err(worker.failed(&e)),
+        Some(Failure::Worker(e)) => Err(worker.failed(&e)),
+        Some(usage) => Err(usage),
         None => Ok(answers),
     }
 }
@@ -392,6 +401,9 @@ fn stream_all(
     while next < count || !in_flight.is_empty() {
         while in_flight.len() < options.concurrency && next < count {
             let n = first + next;
+            if let Some(before) = &options.before_request {
+                requests::before(before, n).map_err(Failure::Usage)?;
+            }
             let args = requests::nth(&options.requests, n);
             let mut message = ExecuteCommandStream::new();
             message.request = Some(command(options, &args)).into();

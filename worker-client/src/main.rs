@@ -50,6 +50,9 @@ requests (bazel, buck2):
   --requests-file FILE  one request per line, arguments separated by whitespace
   --repeat K            send the request list K times (default 1)
   The text {n} in an argument becomes the request's number (0, 1, ...).
+  --before-request CMD  run `sh -c CMD` ({n} replaced) before sending each
+                        request, untimed, as an edit between builds; one
+                        request at a time only; stops the run if it fails
 
 bazel / remote:
   --json                JSON framing instead of delimited protobuf (the worker
@@ -185,6 +188,8 @@ pub struct Options {
     pub command: Vec<String>,
     /// Request argument lists, before `{n}` substitution.
     pub requests: Vec<Vec<String>>,
+    /// `--before-request`: a shell command run before each request is sent.
+    pub before_request: Option<String>,
     pub repeat: usize,
     pub json: bool,
     pub multiplex: Option<usize>,
@@ -273,6 +278,7 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
         mode,
         command: Vec::new(),
         requests: Vec::new(),
+        before_request: None,
         repeat: 1,
         json: false,
         multiplex: None,
@@ -323,6 +329,10 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
                 flush(&mut building, &mut o.requests);
                 let path = PathBuf::from(parser.value().map_err(|e| e.to_string())?);
                 o.requests.extend(requests::read_file(&path)?);
+            }
+            Long("before-request") => {
+                only(&[Mode::Bazel, Mode::Buck2], "--before-request")?;
+                o.before_request = Some(text(&mut parser)?);
             }
             Long("repeat") => o.repeat = positive(&mut parser, "--repeat")?,
             Long("json") => {
@@ -460,6 +470,15 @@ fn parse(args: Vec<OsString>) -> Result<Option<Options>, String> {
     }
     if o.requests.is_empty() && mode != Mode::Remote {
         return Err("no requests: give --arg, --request or --requests-file".to_owned());
+    }
+    // With one request at a time the command runs between an answer and
+    // the next request, which is what makes it an edit between builds.
+    if o.before_request.is_some() && (bench || o.concurrency > 1 || o.multiplex.is_some()) {
+        return Err(
+            "--before-request needs one request at a time: no --bench, --concurrency or \
+             --multiplex"
+                .to_owned(),
+        );
     }
     if o.cancel_after.is_some() && bench {
         return Err("--cancel-after cannot be combined with a benchmark".to_owned());

@@ -1,6 +1,8 @@
-//! Request lists from the command line and from request files.
+//! Request lists from the command line and from request files, and the
+//! command run before each request (`--before-request`).
 
 use std::path::Path;
+use std::process::Command;
 
 /// Whitespace-separated arguments; no quoting, so an argument with spaces
 /// needs `--arg` or an argument file.
@@ -33,6 +35,20 @@ pub fn nth(templates: &[Vec<String>], n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Runs `--before-request`'s shell command for request `n` (`{n}` replaced)
+/// and waits for it: it stands for whatever a user does between builds (an
+/// edit), so it runs outside the request's timing and must succeed.
+pub fn before(command: &str, n: usize) -> Result<(), String> {
+    let command = command.replace("{n}", &n.to_string());
+    match Command::new("sh").arg("-c").arg(&command).status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!(
+            "--before-request `{command}` for request {n} failed ({status})"
+        )),
+        Err(e) => Err(format!("cannot run --before-request `{command}`: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +62,17 @@ mod tests {
         assert_eq!(nth(&templates, 0), ["a-0"]);
         assert_eq!(nth(&templates, 1), ["b", "11"]);
         assert_eq!(nth(&templates, 2), ["a-2"]);
+    }
+
+    #[test]
+    fn before_request_numbers_its_command_and_reports_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("mark");
+        let command = format!("echo {{n}} > '{}'", mark.display());
+        before(&command, 7).unwrap();
+        assert_eq!(std::fs::read_to_string(&mark).unwrap(), "7\n");
+        let error = before("exit 3", 2).unwrap_err();
+        assert!(error.contains("request 2 failed"), "{error}");
     }
 
     #[test]
