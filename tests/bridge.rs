@@ -7,6 +7,7 @@
 mod client_support;
 mod common;
 mod grpc_support;
+mod node_support;
 use common::buck2::Buck2Worker;
 use grpc_support::{env, wait, within};
 use std::io::{BufReader, Write};
@@ -819,40 +820,12 @@ fn worker_client_buck2_drives_the_bridge() {
     });
 }
 
-/// Installs the Node worker's packages if needed; `None` (loudly) when npm
-/// is missing and the environment does not require the Node test.
-fn node_worker() -> Option<String> {
-    let dir = testdata("node_worker");
-    let required = std::env::var("REQUIRE_NODE_WORKER").is_ok_and(|v| v == "1");
-    if !Path::new(&dir).join("node_modules/@bazel/worker").exists() {
-        let installed = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .status();
-        match installed {
-            Ok(status) if status.success() => {}
-            other => {
-                assert!(
-                    !required,
-                    "REQUIRE_NODE_WORKER=1 but `npm ci` in {dir} failed: {other:?}"
-                );
-                eprintln!(
-                    "\n*** SKIPPED: the Node @bazel/worker test needs npm and node \
-                     (`npm ci` in {dir}: {other:?}); set REQUIRE_NODE_WORKER=1 to make this a \
-                     failure ***\n"
-                );
-                return None;
-            }
-        }
-    }
-    Some(format!("{dir}/worker.js"))
-}
-
 #[test]
 fn a_node_worker_on_bazel_worker_serves_buck2_requests() {
     within(Duration::from_secs(120), || {
-        let Some(script) = node_worker() else { return };
+        let Some(script) = node_support::node_worker("the Node @bazel/worker test") else {
+            return;
+        };
         let (_d, dir) = tempdir();
         let bridge = Bridge::start(&dir, &["--concurrency", "2"], &["node", &script]);
         let conn = bridge.connect();

@@ -16,6 +16,7 @@ use std::thread;
 use std::time::Duration;
 
 mod client_support;
+mod node_support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_persistent-worker");
 /// A whole card; a loaded two-core machine can make a run many times slower
@@ -366,39 +367,11 @@ fn json_holds_only_with_the_flag_that_selects_it() {
     assert_eq!(other.code, Some(1), "{}", other.json);
 }
 
-/// Installs the Node worker's packages if needed; `None` (loudly) when npm
-/// is missing and the environment does not require the Node test.
-fn node_worker() -> Option<String> {
-    let dir = testdata("node_worker");
-    let required = std::env::var("REQUIRE_NODE_WORKER").is_ok_and(|v| v == "1");
-    if !Path::new(&dir).join("node_modules/@bazel/worker").exists() {
-        let installed = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .status();
-        match installed {
-            Ok(status) if status.success() => {}
-            other => {
-                assert!(
-                    !required,
-                    "REQUIRE_NODE_WORKER=1 but `npm ci` in {dir} failed: {other:?}"
-                );
-                eprintln!(
-                    "\n*** SKIPPED: the Node @bazel/worker check needs npm and node \
-                     (`npm ci` in {dir}: {other:?}); set REQUIRE_NODE_WORKER=1 to make this a \
-                     failure ***\n"
-                );
-                return None;
-            }
-        }
-    }
-    Some(format!("{dir}/worker.js"))
-}
-
 #[test]
 fn the_node_bazel_worker_is_singleplex_proto_only() {
-    let Some(script) = node_worker() else { return };
+    let Some(script) = node_support::node_worker("the Node @bazel/worker check") else {
+        return;
+    };
     let (_d, dir) = tempdir();
     let args = [
         "--request",
