@@ -13,7 +13,7 @@
 # BENCH_WRITE_DIR=DIR: where the write rows write (default /dev/shm, a tmpfs,
 # so that they measure the worker and the kernel's cost of creating a file
 # rather than the disk under it; on this class of virtual machine an ext4
-# file write took 60 µs in one session and 350-450 µs in another).
+# file write took 60 µs on one boot of the machine and 350-450 µs on another).
 # BENCH_PROFILE=static measures the static release binary of ci/release.sh;
 # BENCH_PROFILE=debug measures the debug build instead: meaningless figures,
 # but a quick check (CI) that every row still runs, without a release build.
