@@ -208,7 +208,13 @@ fn the_table_names_what_could_not_be_judged_without_a_request() {
             .lines()
             .find(|l| l.starts_with(unjudged))
             .unwrap_or_else(|| panic!("no {unjudged} row:\n{table}"));
-        assert!(line.contains("unjudged"), "{line}");
+        // Without a slow request, overlap can still be seen when answers
+        // arrive out of order (a loaded machine does that to empty
+        // requests now and then): then, and only then, it is supported.
+        let seen_at_once = unjudged == "multiplex.overlap"
+            && line.contains("supported")
+            && line.contains("ran at once");
+        assert!(line.contains("unjudged") || seen_at_once, "{line}");
     }
     assert!(
         table.contains("result: every expected feature holds"),
