@@ -132,6 +132,10 @@ latency_rows() {
   # The write rows' floors create the same files the demo tool does.
   write
   row "floor proto write" - latency bazel "${n[@]}" "${write[@]}" -- "$floor_proto" --write
+  # As a remote executor drives it: one argument file naming one output file,
+  # rewritten by every request (cheaper than creating a new file each time).
+  echo "$(fresh)/out-remote.txt" >remote-floor.args
+  row "floor remote write" - latency remote "${n[@]}" -- "$floor_proto" --write @remote-floor.args
   for c in 4 16 64; do
     row "floor proto multiplex $c" - latency bazel "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$floor_proto"
     # Files written on every core, as the multiplexed worker writes them.
@@ -181,7 +185,7 @@ latency_rows() {
   done
   # Remote executors send the same argument file every time: one file rewritten.
   echo "$(fresh)/out-remote.txt" >remote.args
-  row "remote proto write" "floor proto write" latency remote "${n[@]}" -- "$worker" @remote.args
+  row "remote proto write" "floor remote write" latency remote "${n[@]}" -- "$worker" @remote.args
   for c in 1 4 16; do
     row "buck2 Execute c$c" "floor grpc unary c$c" latency \
       buck2 "${n[@]}" --concurrency "$c" "${noop[@]}" -- "$worker" --concurrency "$c"

@@ -5,7 +5,11 @@
 //! - `/worker.Worker/Execute`, unary: the request comes back as the response;
 //! - `/worker.Worker/Exec`, client-streaming: the first message comes back;
 //! - `/worker.WorkerStreaming/ExecuteStream`, bidi-streaming: every message
-//!   comes back as it arrives.
+//!   is answered as it arrives with what the worker answers a no-op, an
+//!   `ExecuteResponseStream` of exit code 0 and the message's `id` (read off
+//!   the wire without decoding the command). An echo would hand the client a
+//!   larger message, argv and env as unknown fields to decode and drop, and
+//!   the worker, answering less, would come out faster than its floor.
 //!
 //! With `--execute-as-duplex`, `Execute` is served the way the worker serves
 //! it: as a bidi stream that carries one message each way (so that a client
@@ -24,8 +28,8 @@
 //! No protobuf decoding (but `--write`'s) and no thread beyond gRPC's own. An echoed
 //! `ExecuteCommand` decodes as an `ExecuteResponse` with exit code 0 (argv and
 //! env have wire types that `ExecuteResponse` does not use for those numbers,
-//! so they become unknown fields), and an echoed `ExecuteCommandStream` keeps
-//! its `id`, so the benchmark client drives this floor as it drives the worker.
+//! so they become unknown fields), so the benchmark client drives this floor
+//! as it drives the worker.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -41,8 +45,8 @@ use grpcio::{
     DuplexSink, EnvBuilder, GrpcSlice, Marshaller, MessageReader, Method, MethodType,
     RequestStream, ServerBuilder, ServerCredentials, ServiceBuilder, WriteFlags,
 };
-use persistent_worker::proto::worker::ExecuteCommand;
-use protobuf::Message;
+use persistent_worker::proto::worker::{ExecuteCommand, ExecuteResponseStream};
+use protobuf::{CodedInputStream, Message};
 
 fn read_bytes(mut reader: MessageReader) -> grpcio::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(reader.len());
@@ -80,17 +84,38 @@ const BIDI: Method<Vec<u8>, Vec<u8>> =
 const UNARY_AS_DUPLEX: Method<Vec<u8>, Vec<u8>> =
     echo_method(MethodType::Duplex, "/worker.Worker/Execute");
 
+/// What the worker answers an `ExecuteCommandStream` whose command is a
+/// no-op: exit code 0 under the message's `id` (field 2, a varint; the
+/// command, field 1, is skipped unread). `None` for a message that is not one.
+fn noop_answer(message: &[u8]) -> Option<Vec<u8>> {
+    let mut input = CodedInputStream::from_bytes(message);
+    let mut id = 0;
+    while let Some(tag) = input.read_raw_tag_or_eof().ok()? {
+        if tag == 2 << 3 {
+            id = input.read_uint64().ok()?;
+        } else {
+            input
+                .skip_field(protobuf::rt::WireType::new(tag & 7)?)
+                .ok()?;
+        }
+    }
+    let mut answer = ExecuteResponseStream::new();
+    answer.response = protobuf::MessageField::some(Default::default());
+    answer.id = id;
+    answer.write_to_bytes().ok()
+}
+
 /// An `ExecuteStream` call served the way the worker serves one: each turn
-/// sends the next echo when the sink is ready and reads the next message
+/// sends the next answer when the sink is ready and reads the next message
 /// whether or not a write is in flight.
-struct Echo {
+struct Answer {
     input: RequestStream<Vec<u8>>,
     sink: DuplexSink<Vec<u8>>,
     queued: VecDeque<Vec<u8>>,
     reading: bool,
 }
 
-impl Future for Echo {
+impl Future for Answer {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -116,7 +141,10 @@ impl Future for Echo {
             if this.reading {
                 match Pin::new(&mut this.input).poll_next(cx) {
                     Poll::Ready(Some(Ok(message))) => {
-                        this.queued.push_back(message);
+                        let Some(answer) = noop_answer(&message) else {
+                            return Poll::Ready(());
+                        };
+                        this.queued.push_back(answer);
                         progress = true;
                     }
                     Poll::Ready(Some(Err(_))) => return Poll::Ready(()),
@@ -204,7 +232,7 @@ fn main() -> ExitCode {
             });
         })
         .add_duplex_streaming_handler(&BIDI, |ctx, input, sink| {
-            ctx.spawn(Echo {
+            ctx.spawn(Answer {
                 input,
                 sink,
                 queued: VecDeque::new(),
