@@ -160,6 +160,7 @@ def main():
             p50s = per_round(lambda r: r["latency_ms"]["p50"])
             p99s = per_round(lambda r: r["latency_ms"]["p99"])
             rps = per_round(lambda r: r["throughput_per_s"])
+            row["concurrency"] = mine[0].get("concurrency", 1)
             row["ratio_to_floor_rounds"] = p50s
             row["ratio_to_floor"] = statistics.median(p50s)
             row["p99_ratio_to_floor"] = statistics.median(p99s)
@@ -326,11 +327,18 @@ def print_targets(by_name, rows):
             checks.append((f"{r['row']} ≤ 3× pipe copy", r["ratio_to_floor"], "<=", 3.0))
     # A floor is the transport with nothing in the way: a row faster than its
     # floor means the floor is weaker than the worker, and its ratio proves
-    # nothing. Said for every such row, not hidden in a median.
+    # nothing. Said for every such row, not hidden in a median. "Faster" is
+    # throughput for every row; with one request in flight it is also the
+    # p50. With N in flight the mean latency is N / throughput (Little's law),
+    # so throughput already says it, and the p50 only says how the same mean
+    # is spread: a floor that answers in bursts has the higher p50 at the
+    # higher throughput (ExecuteStream 16's per-round p50 ratio ran from 0.56
+    # to 1.39 in one run while the floor kept the throughput).
     for r in rows:
         if "floor" in r and r["floor"] in by_name and r.get("ratio_to_floor") is not None:
-            checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (p50)",
-                           r["ratio_to_floor"], ">=", 0.95))
+            if r.get("concurrency", 1) == 1:
+                checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (p50)",
+                               r["ratio_to_floor"], ">=", 0.95))
             if r.get("throughput_to_floor") is not None:
                 checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (throughput)",
                                r["throughput_to_floor"], "<=", 1.05))
