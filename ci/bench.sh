@@ -241,15 +241,20 @@ for kib in "${sizes[@]}"; do
   padded 1024 --noop --reply-bytes "$bytes" >"reply-$kib"
   padded "$bytes" >"echo-$kib"
 done
-# The copy floor: the same bytes written into a pipe and read out into one
-# buffer, several sizes, several times each; its fitted slope is what a MiB
-# of message costs to move at all.
+# The copy floors: the same bytes written into a pipe (or a socket) and read
+# out into one buffer, several sizes, several times each; the fitted slope is
+# what a MiB of message costs to move through that transport at all.
+# The Buck2 rows' transport is a Unix socket, whose copy costs less per MiB
+# than a pipe's: their floor is the same copy through a socket pair.
 copy_row() {
-  local file="$out/raw/pipe_copy.$round.json"
-  printf '%-40s' "pipe copy (round $round)" >&2
-  "$release/examples/bench_pipe_copy" 5 "$file"
-  printf '%s\t-\tcopy\t%s\t-\n' "pipe copy" "$file" >>"$rows"
-  echo " ok" >&2
+  local transport file
+  for transport in pipe socket; do
+    file="$out/raw/${transport}_copy.$round.json"
+    printf '%-40s' "$transport copy (round $round)" >&2
+    "$release/examples/bench_pipe_copy" 5 "$file" $([[ $transport == socket ]] && echo --socket)
+    printf '%s\t-\tcopy:%s\t%s\t-\n' "$transport copy" "$transport" "$file" >>"$rows"
+    echo " ok" >&2
+  done
 }
 # Every size row runs in every round: each slope is fitted from all the
 # rounds' points, not from one run of a few 16 MiB requests.

@@ -4,7 +4,7 @@
 usage: bench_report.py ROWS.tsv RESULTS.json MACHINE-NOTE
 
 ROWS.tsv has one line per measured row: name, floor row ('-' for none),
-kind (latency, startup, memory, size:SECTION:BYTES, copy), the JSON file that
+kind (latency, startup, memory, size:SECTION:BYTES, copy:pipe, copy:socket), the JSON file that
 worker-client (or bench_spawn, bench_pipe_copy) wrote for it, and a file with
 the run's CPU time ("USER SYSTEM WALL" seconds, client and worker together)
 or '-'. A row measured in several rounds has a line per round; its figures
@@ -50,7 +50,7 @@ def main():
     sizes = {}
     memory = []
     rounds = {}
-    copy_points = []
+    copy_points = {"pipe": [], "socket": []}
     with open(rows_tsv) as f:
         for line in f:
             if line.strip():
@@ -60,8 +60,8 @@ def main():
                     with open(cpu) as times:
                         user, system, wall = (float(x) for x in times.read().split()[-3:])
                     raw["cpu_s"], raw["wall_s"] = user + system, wall
-                if kind == "copy":
-                    copy_points.extend(tuple(p) for p in raw["points"])
+                if kind.startswith("copy:"):
+                    copy_points[kind.split(":", 1)[1]].extend(tuple(p) for p in raw["points"])
                     continue
                 rounds.setdefault((name, floor, kind), []).append(raw)
     raws_by_name = {name: raws for (name, _, _), raws in rounds.items()}
@@ -129,15 +129,17 @@ def main():
             peak["peak_rss_kib"] = big["peak_rss_kib"]
             rows.append(peak)
 
-    # Size scaling: fitted cost per MiB, against a real copy: the same bytes
-    # written into a pipe and read out (bench_pipe_copy), fitted from every
-    # round's points.
+    # Size scaling: fitted cost per MiB, against a real copy through the same
+    # transport: the same bytes written into a pipe (Bazel) or a Unix socket
+    # (Buck2) and read out (bench_pipe_copy), fitted from every round's points.
     slopes = {section: fit_slope(points) for section, points in sizes.items()}
-    pipe_one_way = fit_slope(copy_points)
-    if pipe_one_way:
-        row = cost_row("pipe copy cost per MiB", pipe_one_way, None)
-        row["points"] = len(copy_points)
-        rows.append(row)
+    one_way = {}
+    for transport, points in copy_points.items():
+        one_way[transport] = fit_slope(points)
+        if one_way[transport]:
+            row = cost_row(f"{transport} copy cost per MiB", one_way[transport], None)
+            row["points"] = len(points)
+            rows.append(row)
     echo = slopes.get("floor pipe")
     if echo:
         rows.append(cost_row("floor pipe echo cost per MiB", echo, None))
@@ -146,7 +148,9 @@ def main():
         rows.append(cost_row("floor grpc echo cost per MiB", grpc, None))
     for section in ("bazel request", "bazel response", "buck2 request", "buck2 response"):
         if slopes.get(section) is not None:
-            rows.append(cost_row(f"{section} cost per MiB", slopes[section], pipe_one_way))
+            transport = "socket" if section.startswith("buck2") else "pipe"
+            rows.append(cost_row(f"{section} cost per MiB", slopes[section], one_way.get(transport),
+                                 f"{transport} copy cost per MiB"))
 
     for row in rows:
         floor = by_name.get(row.get("floor", ""))
@@ -189,11 +193,11 @@ def memory_row(name, rss, anon):
     }
 
 
-def cost_row(name, us_per_mib, floor_us_per_mib):
+def cost_row(name, us_per_mib, floor_us_per_mib, floor=None):
     row = {"row": name, "p50_us": None, "p99_us": None, "requests_per_s": None}
     row["us_per_mib"] = us_per_mib
     if floor_us_per_mib:
-        row["floor"] = "pipe copy cost per MiB"
+        row["floor"] = floor
         row["ratio_to_floor"] = us_per_mib / floor_us_per_mib
     return row
 
@@ -221,7 +225,7 @@ def print_table(rows, machine):
             ratio = num(r.get("ratio_to_floor"), "{:.2f}")
             extra.append(
                 f"  {r['row']:<44} {r['us_per_mib']:.0f} µs/MiB"
-                + (f" ({ratio}× the pipe copy)" if ratio else "")
+                + (f" ({ratio}× the {r['floor'].split(' cost')[0]})" if ratio else "")
             )
             continue
         table.append(
@@ -324,7 +328,9 @@ def print_targets(by_name, rows):
             )
     for r in rows:
         if r["row"].endswith("cost per MiB") and "ratio_to_floor" in r:
-            checks.append((f"{r['row']} ≤ 3× pipe copy", r["ratio_to_floor"], "<=", 3.0))
+            copy = r["floor"].split(" cost")[0]
+            checks.append((f"{r['row']} ≤ 3× {copy}", r["ratio_to_floor"], "<=", 3.0))
+            checks.append((f"floor no weaker than its row: {r['row']} / {copy}", r["ratio_to_floor"], ">=", 0.95))
     # A floor is the transport with nothing in the way: a row faster than its
     # floor means the floor is weaker than the worker, and its ratio proves
     # nothing. Said for every such row, not hidden in a median. "Faster" is

@@ -1,17 +1,22 @@
-//! Benchmark floor for the cost per MiB of moving a message through a pipe:
-//! one thread writes SIZE bytes into a pipe, another reads them straight into
-//! a buffer of SIZE bytes, as a peer receiving a whole message does. The time
-//! from the first write to the last byte read is one point; several sizes,
-//! several times each, so that `ci/bench_report.py` fits the slope (µs per
-//! MiB) from repeated points rather than from one run. This is the copy the
-//! size rows of the worker (a request in, a response out) cannot do without.
+//! Benchmark floor for the cost per MiB of moving a message through a pipe
+//! (the Bazel protocol's transport) or, with `--socket`, a connected Unix
+//! socket (the Buck2 protocol's): one thread writes SIZE bytes in, another
+//! reads them straight into a buffer of SIZE bytes, as a peer receiving a
+//! whole message does. The time from the first write to the last byte read is
+//! one point; several sizes, several times each, so that `ci/bench_report.py`
+//! fits the slope (µs per MiB) from repeated points rather than from one run.
+//! This is the copy the size rows of the worker (a request in, a response
+//! out) cannot do without. The two transports differ: a pipe holds 64 KiB, so
+//! a MiB costs the reader and writer some thirty wake-ups of each other, and a
+//! socket's buffer holds several times that.
 //!
-//! usage: bench_pipe_copy REPEATS OUT.json
+//! usage: bench_pipe_copy REPEATS OUT.json [--socket]
 //! OUT.json: {"points": [[MiB, µs], ...]}
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -23,13 +28,26 @@ fn main() -> ExitCode {
         args.get(1).and_then(|n| n.parse::<usize>().ok()),
         args.get(2),
     ) else {
-        eprintln!("usage: bench_pipe_copy REPEATS OUT.json");
+        eprintln!("usage: bench_pipe_copy REPEATS OUT.json [--socket]");
         return ExitCode::from(2);
+    };
+    let socket = match args.get(3).map(String::as_str) {
+        None => false,
+        Some("--socket") => true,
+        Some(other) => {
+            eprintln!("bench_pipe_copy: unknown argument {other:?}");
+            return ExitCode::from(2);
+        }
     };
     let mut points = Vec::new();
     for _ in 0..repeats {
         for kib in SIZES_KIB {
-            match one_copy(kib << 10) {
+            let copied = if socket {
+                socket_copy(kib << 10)
+            } else {
+                pipe_copy(kib << 10)
+            };
+            match copied {
                 Ok(us) => points.push(format!("[{}, {us:.1}]", kib as f64 / 1024.0)),
                 Err(e) => {
                     eprintln!("bench_pipe_copy: {e}");
@@ -47,15 +65,28 @@ fn main() -> ExitCode {
 }
 
 /// Moves `size` bytes through a fresh pipe; returns the time it took, in µs.
-fn one_copy(size: usize) -> std::io::Result<f64> {
+fn pipe_copy(size: usize) -> std::io::Result<f64> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors are fresh and owned here alone.
-    let (mut reader, mut writer) =
-        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let (reader, writer) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    copy(reader, writer, size)
+}
+
+/// Moves `size` bytes through a fresh pair of connected Unix stream sockets.
+fn socket_copy(size: usize) -> std::io::Result<f64> {
+    let (reader, writer) = UnixStream::pair()?;
+    copy(reader, writer, size)
+}
+
+fn copy(
+    mut reader: impl Read + Send + 'static,
+    mut writer: impl Write,
+    size: usize,
+) -> std::io::Result<f64> {
     let message = vec![0x5a_u8; size];
     let mut received = vec![0_u8; size];
     let started = Instant::now();
