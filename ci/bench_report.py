@@ -330,24 +330,23 @@ def print_targets(by_name, rows):
         if r["row"].endswith("cost per MiB") and "ratio_to_floor" in r:
             copy = r["floor"].split(" cost")[0]
             checks.append((f"{r['row']} ≤ 3× {copy}", r["ratio_to_floor"], "<=", 3.0))
-            checks.append((f"floor no weaker than its row: {r['row']} / {copy}", r["ratio_to_floor"], ">=", 0.95))
+            checks.append((f"floor no weaker than its row: {r['row']} / {copy}", r["ratio_to_floor"], ">=", 0.90))
     # A floor is the transport with nothing in the way: a row faster than its
     # floor means the floor is weaker than the worker, and its ratio proves
     # nothing. Said for every such row, not hidden in a median. "Faster" is
-    # throughput for every row; with one request in flight it is also the
-    # p50. With N in flight the mean latency is N / throughput (Little's law),
-    # so throughput already says it, and the p50 only says how the same mean
-    # is spread: a floor that answers in bursts has the higher p50 at the
-    # higher throughput (ExecuteStream 16's per-round p50 ratio ran from 0.56
-    # to 1.39 in one run while the floor kept the throughput).
+    # throughput, the inverse of the mean latency with one request in flight
+    # and N over it with N in flight (Little's law): the whole cost. A p50
+    # is not: a floor whose latencies spread differently can have the higher
+    # p50 at the higher throughput (remote proto write's per-round p50 ratio
+    # ran 0.82-1.80 in one run while its floor kept 1.25x its throughput).
+    # 10 % for noise: rounds of one row moved by a third from one to the next
+    # on a 2-core virtual machine, and a floor weaker by design was off by
+    # far more (the alternating gRPC stream echo, 1.5-1.7x; a Bazel floor
+    # that slept between requests, 2.5x).
     for r in rows:
-        if "floor" in r and r["floor"] in by_name and r.get("ratio_to_floor") is not None:
-            if r.get("concurrency", 1) == 1:
-                checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (p50)",
-                               r["ratio_to_floor"], ">=", 0.95))
-            if r.get("throughput_to_floor") is not None:
-                checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (throughput)",
-                               r["throughput_to_floor"], "<=", 1.05))
+        if "floor" in r and r["floor"] in by_name and r.get("throughput_to_floor") is not None:
+            checks.append((f"floor no weaker than its row: {r['row']} / {r['floor']} (throughput)",
+                           r["throughput_to_floor"], "<=", 1.10))
     print("\ntargets:")
     for label, value, op, limit in checks:
         if value is None:
