@@ -49,8 +49,9 @@ file -b target/debug/persistent-worker
 failed=0
 for test in "${tests[@]}"; do
   echo "== $(basename "$test")"
-  # Cargo runs tests from the package root; so does this.
-  if ! "$test" "$@"; then
+  # Cargo runs tests from the package root; so does this. The tests would
+  # otherwise have Cargo rebuild the client over the static one.
+  if ! WORKER_CLIENT_PREBUILT=1 "$test" "$@"; then
     failed=$((failed + 1))
   fi
 done

@@ -9,15 +9,26 @@ use std::time::Duration;
 
 /// `worker-client` is its own crate in this workspace, and Cargo hands a test
 /// only its own package's binaries; the shared target directory puts the
-/// client beside the worker. `cargo test` at the root builds both; a run of
-/// one test file (`cargo test --test NAME`) builds only this package, so the
-/// first test that needs the client builds it, once.
+/// client beside the worker. `cargo test` does not rebuild that binary (it
+/// builds a package's binaries only for that package's own integration
+/// tests), so a client left by an older build would be tested in place of
+/// the current source: the first test that needs the client asks Cargo for
+/// it, once per test process (nothing to do when it is current).
+/// `ci/test-static.sh` puts the shipped static client there instead and sets
+/// `WORKER_CLIENT_PREBUILT=1`, so that nothing replaces it.
 pub fn client_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     let path = Path::new(env!("CARGO_BIN_EXE_persistent-worker")).with_file_name("worker-client");
     let built = BUILT.get_or_init(|| {
-        if path.is_file() {
-            return Ok(path.clone());
+        if std::env::var_os("WORKER_CLIENT_PREBUILT").is_some() {
+            return if path.is_file() {
+                Ok(path.clone())
+            } else {
+                Err(format!(
+                    "WORKER_CLIENT_PREBUILT is set but {} is missing",
+                    path.display()
+                ))
+            };
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo)
@@ -26,7 +37,8 @@ pub fn client_binary() -> PathBuf {
             .spawn()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
         // Bounded like every wait here: a first build of the client alone
-        // takes about a minute on 2 cores (the worker's build made the rest).
+        // takes about a minute on 2 cores (the worker's build made the rest),
+        // a check that it is current well under a second.
         let pid = build.id();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
