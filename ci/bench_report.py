@@ -164,7 +164,6 @@ def main():
             p50s = per_round(lambda r: r["latency_ms"]["p50"])
             p99s = per_round(lambda r: r["latency_ms"]["p99"])
             rps = per_round(lambda r: r["throughput_per_s"])
-            row["concurrency"] = mine[0].get("concurrency", 1)
             row["ratio_to_floor_rounds"] = p50s
             row["ratio_to_floor"] = statistics.median(p50s)
             row["p99_ratio_to_floor"] = statistics.median(p99s)
@@ -202,6 +201,11 @@ def cost_row(name, us_per_mib, floor_us_per_mib, floor=None):
     return row
 
 
+def copy_floor(row):
+    """The copy a cost-per-MiB row is compared with: "pipe copy" or "socket copy"."""
+    return row["floor"].removesuffix(" cost per MiB")
+
+
 def num(x, fmt="{:.1f}"):
     return "" if x is None else fmt.format(x)
 
@@ -225,7 +229,7 @@ def print_table(rows, machine):
             ratio = num(r.get("ratio_to_floor"), "{:.2f}")
             extra.append(
                 f"  {r['row']:<44} {r['us_per_mib']:.0f} µs/MiB"
-                + (f" ({ratio}× the {r['floor'].split(' cost')[0]})" if ratio else "")
+                + (f" ({ratio}× the {copy_floor(r)})" if ratio else "")
             )
             continue
         table.append(
@@ -328,7 +332,7 @@ def print_targets(by_name, rows):
             )
     for r in rows:
         if r["row"].endswith("cost per MiB") and "ratio_to_floor" in r:
-            copy = r["floor"].split(" cost")[0]
+            copy = copy_floor(r)
             checks.append((f"{r['row']} ≤ 3× {copy}", r["ratio_to_floor"], "<=", 3.0))
             checks.append((f"floor no weaker than its row: {r['row']} / {copy}", r["ratio_to_floor"], ">=", 0.90))
     # A floor is the transport with nothing in the way: a row faster than its
