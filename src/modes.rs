@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bazel::input::Stdin;
 use crate::bazel::worker::{self, Config, Session};
 #[cfg(feature = "grpc")]
 use crate::buck2;
@@ -147,7 +148,7 @@ fn run_bazel(handler: Arc<dyn Handler>, options: &Options, cwd: PathBuf) -> i32 
         crate::elog!("persistent-worker: cannot start the signal thread: {e}");
         return 2;
     }
-    let stdin = BufReader::new(std::io::stdin().lock());
+    let stdin = BufReader::new(Stdin::new(Arc::clone(&session)));
     let pool = Pool::new(options.concurrency);
     match worker::serve_session(Arc::clone(&handler), pool, &config, stdin, &session) {
         Ok(()) => {

@@ -16,7 +16,16 @@
 //!
 //! Never for the worker's children: a bridge's child (a compiler) gets the
 //! kernel's default slice back before it runs ([`default_slice_in_child`]).
+//!
+//! It also tells the pool whether the machine has a core to spare
+//! ([`a_core_each`]): a thread that waits awake for the next request (to
+//! spare the request a wake-up) takes nothing from anybody on an idle
+//! machine, but on a busy one the CPU time it spends is time the scheduler
+//! then gives back to the busy processes, in slices that requests wait out.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// `struct sched_attr` up to `sched_period` (`SCHED_ATTR_SIZE_VER0`).
@@ -96,6 +105,33 @@ pub fn default_slice_in_child(nice: i32) {
 /// The nice value to pass to [`default_slice_in_child`], read before fork.
 pub fn nice_for_children() -> i32 {
     nice().unwrap_or(0)
+}
+
+/// Whether every task runnable on the machine now, the caller included, has
+/// a core to itself (the fourth field of `/proc/loadavg` against the cores
+/// this process may use). `false` where that cannot be read: waiting awake
+/// is then never worth the risk. One `pread`, about a microsecond.
+pub fn a_core_each() -> bool {
+    static PROBE: OnceLock<Option<(File, usize)>> = OnceLock::new();
+    let probe = PROBE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        File::open("/proc/loadavg").ok().map(|file| (file, cores))
+    });
+    let Some((file, cores)) = probe else {
+        return false;
+    };
+    let mut buf = [0u8; 128];
+    let Ok(n) = file.read_at(&mut buf, 0) else {
+        return false;
+    };
+    runnable(&buf[..n]).is_some_and(|running| running <= *cores)
+}
+
+/// The runnable-task count in `/proc/loadavg` ("0.10 0.20 0.30 2/345 678").
+fn runnable(loadavg: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(loadavg).ok()?;
+    let field = text.split_ascii_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -172,6 +172,31 @@ fn concurrency_one_serialises_multiplex_requests() {
     assert_one_at_a_time(&worker, sent, 3, Duration::from_millis(200));
 }
 
+/// A singleplex request runs on the thread that read it (the first always
+/// does); a cancel for it must still be read while it runs: the standby
+/// takes the input over and answers it, and the worker reads on.
+#[test]
+fn a_cancel_reaches_a_singleplex_request_running_on_the_reading_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&[], dir.path());
+    worker.send(&request(0, &["--work-ms", "60000", "slow.txt"]));
+    worker.send(&cancel(0));
+    let r = worker.recv();
+    assert!(r.was_cancelled, "{}\nstderr: {}", r.output, worker.stderr());
+    let stderr = worker.stderr();
+    assert!(
+        stderr.contains("has held the reading thread"),
+        "the request did not run on the reading thread: {stderr}"
+    );
+    for name in ["after-1.txt", "after-2.txt"] {
+        worker.send(&request(0, &[name]));
+        let r = worker.recv();
+        assert_eq!(r.exit_code, 0, "{}", r.output);
+        assert!(dir.path().join(name).exists());
+    }
+    worker.finish_cleanly();
+}
+
 #[test]
 fn cancel_answers_once_with_was_cancelled() {
     let dir = tempfile::tempdir().unwrap();

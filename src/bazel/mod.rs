@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod framing;
+pub mod input;
 pub mod json;
 pub mod json_mapping;
 pub mod sandbox;

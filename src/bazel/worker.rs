@@ -14,8 +14,9 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use super::codec::WireFormat;
@@ -53,7 +54,14 @@ pub struct Session {
     waiting: AtomicUsize,
     stopping: AtomicBool,
     identity: Arc<str>,
+    /// How long the last singleplex request took, in µs.
+    last_singleplex_us: AtomicU64,
+    /// A request ran on the reading thread and was answered; the next one
+    /// has not been read yet.
+    answered_here: AtomicBool,
 }
+
+const INLINE_UNDER_US: u64 = 10_000;
 
 impl Session {
     pub fn new(format: WireFormat, output: Box<dyn Write + Send>) -> Arc<Session> {
@@ -64,7 +72,16 @@ impl Session {
             waiting: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             identity: crate::process::identity().into(),
+            last_singleplex_us: AtomicU64::new(0),
+            answered_here: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the last request ran on the reading thread, which has not read
+    /// since: its client, in lockstep, is about to send the next one. Asked
+    /// once per answer.
+    pub fn take_answered_here(&self) -> bool {
+        self.answered_here.swap(false, Ordering::Relaxed)
     }
 
     /// Winds the session down for a stop signal: requests that arrive from
@@ -131,7 +148,7 @@ pub fn serve(
     handler: Arc<dyn Handler>,
     pool: Pool,
     config: &Config,
-    input: impl BufRead,
+    input: impl BufRead + Send,
     output: Box<dyn Write + Send>,
 ) -> Result<(), FrameError> {
     serve_session(
@@ -149,146 +166,47 @@ pub fn serve_session(
     handler: Arc<dyn Handler>,
     pool: Pool,
     config: &Config,
-    mut input: impl BufRead,
+    input: impl BufRead + Send,
     session: &Arc<Session>,
 ) -> Result<(), FrameError> {
-    let writer = Arc::clone(&session.writer);
-    let in_flight = Arc::clone(&session.in_flight);
-    let identity = Arc::clone(&session.identity);
-    loop {
-        let work = match config
-            .format
-            .read_request(&mut input, config.max_message_bytes)
-        {
-            Ok(Some(work)) => work,
-            Ok(None) => break,
-            Err(e) => {
-                writer.close();
-                for ticket in lock(&in_flight).values() {
-                    ticket.token().cancel();
-                }
-                // Joining would wait for handlers that may not honour the
-                // cancel; the caller exits, so the threads need not finish.
-                pool.detach();
-                return Err(e);
-            }
-        };
-        let id = work.request_id;
-        let verbose = config.verbose || work.verbosity > 0;
-        if verbose {
-            log_request(&work);
+    let baton = Baton::default();
+    let reader = Reader {
+        handler: &handler,
+        pool: &pool,
+        config,
+        session,
+    };
+    let ended = thread::scope(|scope| {
+        let standby = thread::Builder::new()
+            .name("bazel-standby".into())
+            .spawn_scoped(scope, || standby(&reader, &baton));
+        // Without a standby nobody could read a cancel while a request runs
+        // on the reading thread: then none does.
+        let baton_if_standby = standby.is_ok().then_some(&baton);
+        let ended = reader.read(input, baton_if_standby);
+        baton.end();
+        match (ended, standby) {
+            (Some(ended), _) => ended,
+            // Taken over: the standby read to the end.
+            (None, Ok(standby)) => match standby.join() {
+                Ok(ended) => ended.unwrap_or(Ok(())),
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            (None, Err(_)) => unreachable!("taken over without a standby"),
         }
-        if work.cancel {
-            match lock(&in_flight).get(&id) {
-                Some(ticket) => ticket.cancel(),
-                None if verbose => {
-                    crate::elog!("worker: cancel for request {id} ignored: it is not in flight")
-                }
-                None => {}
-            }
-            continue;
-        }
-        if id == 0 {
-            // Singleplex: the previous id-0 request is answered before
-            // anything about this one, even an error. Waiting here rather
-            // than after dispatch keeps id 0 from blocking the other ids,
-            // which Bazel 2.1 gives to sibling multiplex proxies. Its
-            // thread queues its answer before it leaves the table, so an
-            // error written for this one still comes after that answer.
-            let mut table = lock(&in_flight);
-            while table.contains_key(&0) {
-                table = session.wait_for_a_leave(table, None);
-            }
-        }
-        let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
-            Ok(dir) => dir,
-            Err(e) => {
-                crate::elog!("worker: request {id}: {e}");
-                let response = Response::error(1, format!("worker: {e}\n"));
-                writer.send(&to_wire(&identity, id, response));
-                continue;
-            }
-        };
-        let mut request = Request::new(work.arguments, workdir);
-        request.verbosity = work.verbosity;
-        request.id = id.to_string();
-        {
-            let mut table = lock(&in_flight);
-            if table.contains_key(&id) {
-                drop(table);
-                let e = format!("request id {id} is already in flight; ids must be unique");
-                crate::elog!("worker: {e}");
-                let response = Response::error(1, format!("worker: {e}\n"));
-                writer.send(&to_wire(&identity, id, response));
-                continue;
-            }
-            if session.stopping.load(Ordering::Acquire) {
-                drop(table);
-                let response = Response::stopped(
-                    Stop::Cancelled,
-                    "worker: shutting down; request not started\n",
-                );
-                writer.send(&to_wire(&identity, id, response));
-                continue;
-            }
-            if verbose {
-                crate::elog!(
-                    "worker: request {id} started, {} in flight",
-                    table.len() + 1
-                );
-            }
-            let writer = Arc::clone(&writer);
-            let session = Arc::clone(session);
-            let identity = Arc::clone(&identity);
-            // Filed before it is queued, so the answer, which needs the
-            // table, cannot come before the ticket is in it; queued after the
-            // lock is let go, which may wake a pool thread, so that the
-            // threads answering other requests do not wait for that.
-            // Singleplex clients send the next request once they have this
-            // answer; multiplex ones keep sending.
-            let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
-            let (ticket, pending) =
-                pool.prepare(Arc::clone(&handler), request, pace, move |response| {
-                    let (exit_code, cancelled) = (response.exit_code, response.cancelled);
-                    // Encoded before any lock is taken: the reader and the other
-                    // pool threads need the table's lock for every request.
-                    let frame = writer.encode(&to_wire(&identity, id, response));
-                    // Leave the table before answering: once the client has the
-                    // response it may reuse the id. The answer is queued before
-                    // the table is let go, so whoever finds the table empty and
-                    // then writes or closes (a stop, the end of input joining
-                    // the pool) comes after this answer; and a request already
-                    // answered for by a stop is not answered twice.
-                    let mut table = lock(&session.in_flight);
-                    if table.remove(&id).is_none() {
-                        return;
-                    }
-                    let left = table.len();
-                    // Only an empty table and the singleplex request are waited for.
-                    let wake =
-                        (left == 0 || id == 0) && session.waiting.load(Ordering::Relaxed) > 0;
-                    let turn = writer.queue(frame);
-                    drop(table);
-                    if verbose {
-                        crate::elog!(
-                        "worker: request {id} finished, exit code {exit_code}{}, {left} in flight",
-                        if cancelled { " (cancelled)" } else { "" }
-                    );
-                    }
-                    turn.write();
-                    if wake {
-                        session.left.notify_all();
-                    }
-                });
-            table.insert(id, ticket);
-            drop(table);
-            pool.queue_pending(pending);
-        }
+    });
+    if let Err(e) = ended {
+        // Joining would wait for handlers that may not honour the cancel;
+        // the caller exits, so the threads need not finish.
+        pool.detach();
+        return Err(e);
     }
+    let writer = &session.writer;
+    let in_flight = &session.in_flight;
     // Every request answered first; only then is it known whether a thread
     // is left in a tool that ignored its cancel, which joining would wait
     // for without end.
-    let mut table = lock(&in_flight);
+    let mut table = lock(in_flight);
     while !table.is_empty() {
         table = session.wait_for_a_leave(table, None);
     }
@@ -305,6 +223,307 @@ pub fn serve_session(
         pool.join();
     }
     Ok(())
+}
+
+/// The reading loop and what it needs; it runs on the thread that called
+/// [`serve_session`] and, once that thread is held by a long request, on the
+/// standby.
+struct Reader<'a> {
+    handler: &'a Arc<dyn Handler>,
+    pool: &'a Pool,
+    config: &'a Config,
+    session: &'a Arc<Session>,
+}
+
+impl Reader<'_> {
+    /// Reads and dispatches requests until end of input (`Some(Ok)`), an
+    /// unreadable stream (`Some(Err)`, output closed), or the standby taking
+    /// the input over while a request ran here (`None`). With `baton`, a
+    /// singleplex request expected to be short runs on this thread.
+    fn read<I: BufRead + Send>(
+        &self,
+        mut input: I,
+        baton: Option<&Baton<I>>,
+    ) -> Option<Result<(), FrameError>> {
+        let Reader {
+            handler,
+            pool,
+            config,
+            session,
+        } = *self;
+        let writer = Arc::clone(&session.writer);
+        let in_flight = Arc::clone(&session.in_flight);
+        let identity = Arc::clone(&session.identity);
+        loop {
+            let work = match config
+                .format
+                .read_request(&mut input, config.max_message_bytes)
+            {
+                Ok(Some(work)) => work,
+                Ok(None) => return Some(Ok(())),
+                Err(e) => {
+                    writer.close();
+                    for ticket in lock(&in_flight).values() {
+                        ticket.token().cancel();
+                    }
+                    return Some(Err(e));
+                }
+            };
+            let id = work.request_id;
+            let verbose = config.verbose || work.verbosity > 0;
+            if verbose {
+                log_request(&work);
+            }
+            if work.cancel {
+                match lock(&in_flight).get(&id) {
+                    Some(ticket) => ticket.cancel(),
+                    None if verbose => {
+                        crate::elog!("worker: cancel for request {id} ignored: it is not in flight")
+                    }
+                    None => {}
+                }
+                continue;
+            }
+            if id == 0 {
+                // Singleplex: the previous id-0 request is answered before
+                // anything about this one, even an error. Waiting here rather
+                // than after dispatch keeps id 0 from blocking the other ids,
+                // which Bazel 2.1 gives to sibling multiplex proxies. Its
+                // thread queues its answer before it leaves the table, so an
+                // error written for this one still comes after that answer.
+                let mut table = lock(&in_flight);
+                while table.contains_key(&0) {
+                    table = session.wait_for_a_leave(table, None);
+                }
+            }
+            let workdir = match sandbox::resolve(&config.cwd, &work.sandbox_dir) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    crate::elog!("worker: request {id}: {e}");
+                    let response = Response::error(1, format!("worker: {e}\n"));
+                    writer.send(&to_wire(&identity, id, response));
+                    continue;
+                }
+            };
+            let mut request = Request::new(work.arguments, workdir);
+            request.verbosity = work.verbosity;
+            request.id = id.to_string();
+            {
+                let mut table = lock(&in_flight);
+                if table.contains_key(&id) {
+                    drop(table);
+                    let e = format!("request id {id} is already in flight; ids must be unique");
+                    crate::elog!("worker: {e}");
+                    let response = Response::error(1, format!("worker: {e}\n"));
+                    writer.send(&to_wire(&identity, id, response));
+                    continue;
+                }
+                if session.stopping.load(Ordering::Acquire) {
+                    drop(table);
+                    let response = Response::stopped(
+                        Stop::Cancelled,
+                        "worker: shutting down; request not started\n",
+                    );
+                    writer.send(&to_wire(&identity, id, response));
+                    continue;
+                }
+                if verbose {
+                    crate::elog!(
+                        "worker: request {id} started, {} in flight",
+                        table.len() + 1
+                    );
+                }
+                let writer = Arc::clone(&writer);
+                let shared = Arc::clone(session);
+                let identity = Arc::clone(&identity);
+                // Filed before it is queued, so the answer, which needs the
+                // table, cannot come before the ticket is in it; queued after the
+                // lock is let go, which may wake a pool thread, so that the
+                // threads answering other requests do not wait for that.
+                // Singleplex clients send the next request once they have this
+                // answer; multiplex ones keep sending.
+                let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
+                let here = id == 0
+                    && baton.is_some()
+                    && table.is_empty()
+                    && request.cancel.deadline().is_none()
+                    && session.last_singleplex_us.load(Ordering::Relaxed) < INLINE_UNDER_US;
+                let started = Instant::now();
+                let (ticket, pending) =
+                    pool.prepare(Arc::clone(handler), request, pace, move |response| {
+                        if id == 0 {
+                            let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            shared.last_singleplex_us.store(took, Ordering::Relaxed);
+                        }
+                        let (exit_code, cancelled) = (response.exit_code, response.cancelled);
+                        // Encoded before any lock is taken: the reader and the other
+                        // pool threads need the table's lock for every request.
+                        let frame = writer.encode(&to_wire(&identity, id, response));
+                        // Leave the table before answering: once the client has the
+                        // response it may reuse the id. The answer is queued before
+                        // the table is let go, so whoever finds the table empty and
+                        // then writes or closes (a stop, the end of input joining
+                        // the pool) comes after this answer; and a request already
+                        // answered for by a stop is not answered twice.
+                        let mut table = lock(&shared.in_flight);
+                        if table.remove(&id).is_none() {
+                            return;
+                        }
+                        let left = table.len();
+                        // Only an empty table and the singleplex request are waited for.
+                        let wake =
+                            (left == 0 || id == 0) && shared.waiting.load(Ordering::Relaxed) > 0;
+                        let turn = writer.queue(frame);
+                        drop(table);
+                        if verbose {
+                            crate::elog!(
+                            "worker: request {id} finished, exit code {exit_code}{}, {left} in flight",
+                            if cancelled { " (cancelled)" } else { "" }
+                        );
+                        }
+                        turn.write();
+                        if wake {
+                            shared.left.notify_all();
+                        }
+                    });
+                table.insert(id, ticket);
+                drop(table);
+                match baton {
+                    Some(baton) if here => {
+                        // A cancel for it, or anything else, is read by the
+                        // standby if it runs long.
+                        baton.hand_over(input);
+                        pool.run_here(pending);
+                        input = baton.take_back()?;
+                        session.answered_here.store(true, Ordering::Relaxed);
+                    }
+                    _ => pool.queue_pending(pending),
+                }
+            }
+        }
+    }
+}
+
+/// How long a request may hold the reading thread before the standby takes
+/// the input over: a cancel for it waits at most this plus [`TICK`].
+const TAKE_OVER_AFTER: Duration = Duration::from_millis(10);
+
+/// How often the standby looks, while requests run on the reading thread.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Ticks without a request run on the reading thread before the standby
+/// sleeps until the next one (which then wakes it): an idle worker wakes
+/// nobody.
+const PARK_AFTER_TICKS: u32 = 100;
+
+/// What the reading thread leaves to its standby while it runs a request
+/// itself: the input, and when the request started.
+struct Baton<I> {
+    /// The input while a request runs on the reading thread; whoever takes
+    /// it reads on.
+    input: Mutex<Option<I>>,
+    watch: Mutex<Watch>,
+    bell: Condvar,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// When the request running on the reading thread started, if one is.
+    running_since: Option<Instant>,
+    /// Requests run on the reading thread so far.
+    started: u64,
+    /// The standby sleeps until the next such request.
+    parked: bool,
+    /// The reading thread has read to the end: the standby ends.
+    ended: bool,
+}
+
+impl<I> Default for Baton<I> {
+    fn default() -> Self {
+        Baton {
+            input: Mutex::new(None),
+            watch: Mutex::default(),
+            bell: Condvar::new(),
+        }
+    }
+}
+
+impl<I> Baton<I> {
+    /// Before a request runs on the reading thread.
+    fn hand_over(&self, input: I) {
+        *lock(&self.input) = Some(input);
+        let mut watch = lock(&self.watch);
+        watch.running_since = Some(Instant::now());
+        watch.started += 1;
+        let parked = watch.parked;
+        drop(watch);
+        if parked {
+            self.bell.notify_one();
+        }
+    }
+
+    /// After it: the input, unless the standby has taken it over.
+    fn take_back(&self) -> Option<I> {
+        lock(&self.watch).running_since = None;
+        lock(&self.input).take()
+    }
+
+    fn end(&self) {
+        lock(&self.watch).ended = true;
+        self.bell.notify_one();
+    }
+}
+
+/// The standby thread: takes the input over from a reading thread held by
+/// one request for [`TAKE_OVER_AFTER`], and reads on, with every request
+/// from then on run on the pool. Returns the end of input it read to, or
+/// `None` if it never took over.
+fn standby<I: BufRead + Send>(
+    reader: &Reader<'_>,
+    baton: &Baton<I>,
+) -> Option<Result<(), FrameError>> {
+    let mut seen = 0;
+    let mut quiet_ticks = 0;
+    let mut watch = lock(&baton.watch);
+    loop {
+        if watch.ended {
+            return None;
+        }
+        if let Some(since) = watch.running_since {
+            if since.elapsed() >= TAKE_OVER_AFTER {
+                drop(watch);
+                if let Some(input) = lock(&baton.input).take() {
+                    crate::elog!(
+                        "worker: a singleplex request has held the reading thread for {} ms: \
+                         reading goes on beside it, and requests run on the pool from now on",
+                        since.elapsed().as_millis()
+                    );
+                    return reader.read(input, None);
+                }
+                watch = lock(&baton.watch);
+                continue;
+            }
+        }
+        if watch.started != seen {
+            seen = watch.started;
+            quiet_ticks = 0;
+        } else if watch.running_since.is_none() {
+            quiet_ticks += 1;
+        }
+        if quiet_ticks > PARK_AFTER_TICKS {
+            watch.parked = true;
+            while !watch.ended && watch.running_since.is_none() {
+                watch = baton.bell.wait(watch).unwrap_or_else(|e| e.into_inner());
+            }
+            watch.parked = false;
+            quiet_ticks = 0;
+        } else {
+            watch = match baton.bell.wait_timeout(watch, TICK) {
+                Ok((watch, _)) => watch,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
 }
 
 /// The requests in flight by id: looked up three times per request.
@@ -390,5 +609,83 @@ mod tests {
         );
         assert_eq!(wire.output.as_ptr(), buffer, "the output was copied");
         assert_eq!((wire.request_id, wire.exit_code), (7, 3));
+    }
+
+    /// Records the thread each request ran on, by its first argument.
+    struct Where(Mutex<Vec<(String, thread::ThreadId)>>);
+
+    impl Handler for Where {
+        fn handle(&self, request: &Request) -> Response {
+            let arg = request.args.first().cloned().unwrap_or_default();
+            lock(&self.0).push((arg, thread::current().id()));
+            Response::ok("")
+        }
+    }
+
+    fn serve_requests(requests: &[WorkRequest]) -> Vec<(String, thread::ThreadId)> {
+        let mut input = Vec::new();
+        for request in requests {
+            input.extend(WireFormat::Proto.encode_request(request));
+        }
+        let handler = Arc::new(Where(Mutex::default()));
+        let config = Config {
+            format: WireFormat::Proto,
+            max_message_bytes: 1 << 20,
+            cwd: PathBuf::from("."),
+            verbose: false,
+        };
+        let tool: Arc<dyn Handler> = handler.clone();
+        serve(
+            tool,
+            Pool::new(2),
+            &config,
+            &input[..],
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        let ran = lock(&handler.0).clone();
+        ran
+    }
+
+    fn work(id: i32, arg: &str) -> WorkRequest {
+        let mut request = WorkRequest::new();
+        request.request_id = id;
+        request.arguments = vec![arg.to_owned()];
+        request
+    }
+
+    #[test]
+    fn a_short_singleplex_request_runs_on_the_thread_that_read_it() {
+        let requests: Vec<_> = (0..20).map(|i| work(0, &i.to_string())).collect();
+        let ran = serve_requests(&requests);
+        let here = thread::current().id();
+        let on_reader: Vec<bool> = ran.iter().map(|(_, t)| *t == here).collect();
+        assert_eq!(ran.len(), 20);
+        // The first, with nothing before it, always; each later one if the
+        // one before took under 10 ms, which on a loaded machine a stall
+        // can spoil for a few.
+        assert!(on_reader[0], "{on_reader:?}");
+        let count = on_reader.iter().filter(|&&here| here).count();
+        assert!(
+            count >= 10,
+            "{count} of 20 ran on the reading thread: {on_reader:?}"
+        );
+    }
+
+    #[test]
+    fn multiplex_requests_never_run_on_the_thread_that_reads() {
+        let ran = serve_requests(&[
+            work(0, "single"),
+            work(0, "single"),
+            work(1, "multi"),
+            work(2, "multi"),
+        ]);
+        let here = thread::current().id();
+        for (arg, thread) in &ran {
+            if arg == "multi" {
+                assert_ne!(*thread, here, "{ran:?}");
+            }
+        }
+        assert_eq!(ran.len(), 4);
     }
 }

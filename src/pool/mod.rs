@@ -208,6 +208,13 @@ impl Pool {
         self.queue(pending.job, pending.pace);
     }
 
+    /// Runs a job made by [`prepare`](Self::prepare) on the calling thread,
+    /// at once: for a front end whose client waits for this answer before it
+    /// sends anything else, so that no pool thread need be woken for it.
+    pub fn run_here(&self, pending: Pending) {
+        (pending.job)();
+    }
+
     /// Queues an arbitrary job.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         self.queue(Box::new(job), Pace::Free);
