@@ -14,7 +14,8 @@
 //!    - [`bazel`]: Bazel's protocol on stdin/stdout: [`bazel::framing`]
 //!      (varint frames) or [`bazel::json`] (an object stream), decoded by
 //!      [`bazel::codec`]; [`bazel::sandbox`] checks `sandbox_dir`;
-//!      [`bazel::worker`] is the read loop, the in-flight table and cancels.
+//!      [`bazel::worker`] is the read loop, the in-flight table and cancels;
+//!      [`bazel::input`] is stdin as the reading thread waits on it.
 //!    - [`buck2`]: Buck2's gRPC services on a Unix socket (feature `grpc`);
 //!      [`buck2::command`] turns an `ExecuteCommand` into a request,
 //!      [`buck2::lifecycle`] handles signals and the parent's death.
@@ -23,6 +24,9 @@
 //!    into, and its `run` the single place a request executes: argument
 //!    files expanded ([`argfile`]), the [`request::Handler`] called, a panic
 //!    turned into an error response, the [`request::CancelToken`] checked.
+//!    One exception to "dispatch": a short singleplex Bazel request runs
+//!    through the same `run` on the thread that read it (`Pool::run_here`),
+//!    which spares its round trip a thread wake-up.
 //!    Its parts are files of their own: the queue and `run`, the idle-thread
 //!    policy, tickets (completion and timeouts), the timer.
 //! 4. **The handler** does the tool's work: [`demo`] (the demo tool of the

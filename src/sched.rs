@@ -138,6 +138,20 @@ fn runnable(loadavg: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_runnable_count_is_the_fourth_field_of_loadavg() {
+        assert_eq!(runnable(b"0.50 0.40 0.30 3/345 12345\n"), Some(3));
+        assert_eq!(runnable(b"0.50 0.40 0.30 12/345 1"), Some(12));
+        for bad in [
+            &b""[..],
+            b"0.50 0.40 0.30",
+            b"0.50 0.40 0.30 x/345 1",
+            b"\xff",
+        ] {
+            assert_eq!(runnable(bad), None, "{bad:?}");
+        }
+    }
+
     /// On a kernel with custom slices (6.12+), the slice asked for is the
     /// slice a thread started afterwards runs with, and a thread can go back
     /// to the default. Elsewhere the request fails and nothing is asserted.

@@ -8,6 +8,18 @@
 //! multiplex: every request is dispatched at once and answered when done.
 //! Either way the id is echoed, because old Bazel versions send non-zero ids
 //! to singleplex workers too.
+//!
+//! A singleplex request runs on the reading thread itself when nothing else
+//! is in flight and the previous one took under 10 ms (the first always):
+//! its client sends nothing else until the answer, so handing it to a pool
+//! thread would only add a wake-up to the round trip, and on a machine
+//! busy with a build a wake-up that does not preempt waits out a scheduler
+//! tick (Bazel beside `nice 19` hogs: 0.8 to 1.1 % of requests over 2 ms
+//! handed over, 0.03 to 0.16 % run here). A request that holds the reading
+//! thread for 10 ms is not left deaf to its cancel: the standby thread, which
+//! looks every 10 ms while requests run here and sleeps after a second
+//! without one, takes the input over and reads on, and every later request
+//! runs on the pool.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -2,9 +2,12 @@
 //! place a request is executed: argument files expanded, handler called,
 //! panics contained, cancellation and timeout reported.
 //!
-//! Front ends only read and write their wire; they never run a handler on
-//! their own I/O threads. A job carries its own completion callback, so the
-//! response leaves from the pool thread that produced it, or, for a request
+//! Front ends only read and write their wire; they run a handler on their
+//! own I/O thread only through [`Pool::run_here`], the same job a pool
+//! thread would run (the Bazel front end does, for a short singleplex
+//! request: a client in lockstep then pays one thread wake-up per round
+//! trip instead of two). A job carries its own completion callback, so the
+//! response leaves from the thread that produced it, or, for a request
 //! whose tool ignores its timeout, from the timer thread that answers for it.
 //!
 //! This file owns the queue and its threads ([`Pool`]) and [`run`]. Beside it:
