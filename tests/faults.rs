@@ -428,6 +428,33 @@ fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A singleplex tool that never returns and ignores its token, on the
+/// thread that read it (the first request always runs there): its cancel is
+/// still read and answered, the worker serves on, and at the end of input it
+/// exits, leaving the thread behind instead of waiting for it.
+#[test]
+fn a_singleplex_tool_that_never_returns_does_not_keep_the_worker_from_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker::start(&[], dir.path());
+    worker.send(&request(0, &["--hang", "h0"]));
+    wait_for_log(&worker, "demo: hanging in h0");
+    cancel_hung(&mut worker, 0);
+    wait_for_log(&worker, "has held the reading thread");
+    wait_for_log(&worker, "is stuck: request 0 has run");
+    worker.send(&request(0, &["after.txt"]));
+    let response = worker.recv();
+    assert_eq!((response.request_id, response.exit_code), (0, 0));
+    let (status, rest, log) = worker.finish();
+    assert!(
+        status.success() && rest.is_empty(),
+        "{status:?} {rest:?}\n{log}"
+    );
+    assert!(
+        log.contains("end of input; leaving 1 stuck thread(s) behind"),
+        "{log}"
+    );
+}
+
 /// Runs the Bazel worker with `prepare` applied in the child before exec,
 /// sends `requests` and closes stdin, and returns the decoded responses and
 /// the exit status, all within a bounded wait.

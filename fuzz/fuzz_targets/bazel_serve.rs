@@ -58,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
         handler,
         Pool::new(2),
         &config,
-        BufReader::with_capacity(usize::from(selector >> 1) + 1, stdin),
+        BufReader::with_capacity(
+            usize::from(selector >> 1) + 1,
+            std::io::Cursor::new(stdin.to_vec()),
+        ),
         Box::new(output.clone()),
     );
 

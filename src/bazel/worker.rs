@@ -160,7 +160,7 @@ pub fn serve(
     handler: Arc<dyn Handler>,
     pool: Pool,
     config: &Config,
-    input: impl BufRead + Send,
+    input: impl BufRead + Send + 'static,
     output: Box<dyn Write + Send>,
 ) -> Result<(), FrameError> {
     serve_session(
@@ -174,43 +174,63 @@ pub fn serve(
 
 /// [`serve`] with a session made beforehand, so that a signal handler can
 /// [`Session::stop`] it.
-pub fn serve_session(
+///
+/// The input is read on two threads of its own that take turns (see
+/// [`take_turns`]): either may be held by a request's tool, which must not
+/// keep this function from returning at the end of input.
+pub fn serve_session<I: BufRead + Send + 'static>(
     handler: Arc<dyn Handler>,
     pool: Pool,
     config: &Config,
-    input: impl BufRead + Send,
+    input: I,
     session: &Arc<Session>,
 ) -> Result<(), FrameError> {
-    let baton = Baton::default();
-    let reader = Reader {
-        handler: &handler,
-        pool: &pool,
-        config,
-        session,
-    };
-    let ended = thread::scope(|scope| {
-        let standby = thread::Builder::new()
-            .name("bazel-standby".into())
-            .spawn_scoped(scope, || standby(&reader, &baton));
-        // Without a standby nobody could read a cancel while a request runs
-        // on the reading thread: then none does.
-        let baton_if_standby = standby.is_ok().then_some(&baton);
-        let ended = reader.read(input, baton_if_standby);
-        baton.end();
-        match (ended, standby) {
-            (Some(ended), _) => ended,
-            // Taken over: the standby read to the end.
-            (None, Ok(standby)) => match standby.join() {
-                Ok(ended) => ended.unwrap_or(Ok(())),
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            (None, Err(_)) => unreachable!("taken over without a standby"),
-        }
+    let pool = Arc::new(pool);
+    let reader = Arc::new(Reader {
+        handler,
+        pool: Arc::clone(&pool),
+        config: config.clone(),
+        session: Arc::clone(session),
     });
+    let baton = Arc::new(Baton::<I>::default());
+    let (ended_tx, ended) = crossbeam_channel::unbounded();
+    let turns = |name: &str, input: Option<I>| {
+        let (reader, baton, ended_tx) = (Arc::clone(&reader), Arc::clone(&baton), ended_tx.clone());
+        thread::Builder::new().name(name.into()).spawn(move || {
+            let _ = ended_tx.send(take_turns(&reader, &baton, input));
+        })
+    };
+    // Counted as standing by before it exists, so that the first request
+    // may already run on the reading thread.
+    baton.standby_ready.store(true, Ordering::Relaxed);
+    let standby = turns("bazel-standby", None);
+    if standby.is_err() {
+        // Nobody could read a cancel while a request ran on the reading
+        // thread: none does.
+        baton.standby_ready.store(false, Ordering::Relaxed);
+    }
+    let reading = turns("bazel-reader", Some(input)).map_err(|e| {
+        FrameError::Io(std::io::Error::new(
+            e.kind(),
+            format!("starting the reading thread: {e}"),
+        ))
+    })?;
+    drop(ended_tx);
+    // One of the two reads to the end and says so; the other says `None`.
+    let ended = loop {
+        match ended.recv() {
+            Ok(Some(ended)) => break ended,
+            Ok(None) => {}
+            // Both gone without an end: only a panic outside any handler.
+            Err(_) => break Ok(()),
+        }
+    };
+    drop(reader);
     if let Err(e) = ended {
         // Joining would wait for handlers that may not honour the cancel;
         // the caller exits, so the threads need not finish.
-        pool.detach();
+        baton.end();
+        detach(pool);
         return Err(e);
     }
     let writer = &session.writer;
@@ -229,29 +249,66 @@ pub fn serve_session(
     writer.close();
     let stuck = pool.stuck();
     if stuck > 0 {
-        crate::elog!("worker: end of input; leaving {stuck} stuck pool thread(s) behind");
-        pool.detach();
-    } else {
-        pool.join();
+        crate::elog!("worker: end of input; leaving {stuck} stuck thread(s) behind");
+        detach(pool);
+        return Ok(());
+    }
+    // Nothing is stuck, so the two end: the one that read the end has, and
+    // the other sees it.
+    for thread in [Ok(reading), standby].into_iter().flatten() {
+        let _ = thread.join();
+    }
+    match Arc::try_unwrap(pool) {
+        Ok(pool) => pool.join(),
+        Err(pool) => detach(pool),
     }
     Ok(())
 }
 
-/// The reading loop and what it needs; it runs on the thread that called
-/// [`serve_session`] and, once that thread is held by a long request, on the
-/// standby.
-struct Reader<'a> {
-    handler: &'a Arc<dyn Handler>,
-    pool: &'a Pool,
-    config: &'a Config,
-    session: &'a Arc<Session>,
+/// Lets the pool's threads go without waiting for them, if this is the last
+/// hold on it; a thread left in a tool holds it otherwise, and it is let go
+/// with the process.
+fn detach(pool: Arc<Pool>) {
+    if let Ok(pool) = Arc::try_unwrap(pool) {
+        pool.detach();
+    }
 }
 
-impl Reader<'_> {
+/// One of the two threads that share the input: it reads while it holds
+/// the input, and stands by while the other does. The one that reads to the
+/// end returns it; the other returns `None`.
+fn take_turns<I: BufRead + Send>(
+    reader: &Reader,
+    baton: &Baton<I>,
+    mut input: Option<I>,
+) -> Option<Result<(), FrameError>> {
+    loop {
+        if let Some(input) = input.take() {
+            if let Some(ended) = reader.read(input, Some(baton)) {
+                baton.end();
+                return Some(ended);
+            }
+            // Taken over while a request ran here: stand by now.
+        }
+        input = Some(standby(baton)?);
+    }
+}
+
+/// The reading loop and what it needs, shared by the two threads that take
+/// turns reading.
+struct Reader {
+    handler: Arc<dyn Handler>,
+    pool: Arc<Pool>,
+    config: Config,
+    session: Arc<Session>,
+}
+
+impl Reader {
     /// Reads and dispatches requests until end of input (`Some(Ok)`), an
     /// unreadable stream (`Some(Err)`, output closed), or the standby taking
-    /// the input over while a request ran here (`None`). With `baton`, a
-    /// singleplex request expected to be short runs on this thread.
+    /// the input over while a request ran here (`None`). A singleplex
+    /// request expected to be short runs on this thread while the other
+    /// stands by.
     fn read<I: BufRead + Send>(
         &self,
         mut input: I,
@@ -262,7 +319,7 @@ impl Reader<'_> {
             pool,
             config,
             session,
-        } = *self;
+        } = self;
         let writer = Arc::clone(&session.writer);
         let in_flight = Arc::clone(&session.in_flight);
         let identity = Arc::clone(&session.identity);
@@ -356,7 +413,7 @@ impl Reader<'_> {
                 // answer; multiplex ones keep sending.
                 let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
                 let here = id == 0
-                    && baton.is_some()
+                    && baton.is_some_and(Baton::standing_by)
                     && table.is_empty()
                     && request.cancel.deadline().is_none()
                     && session.last_singleplex_us.load(Ordering::Relaxed) < INLINE_UNDER_US;
@@ -436,6 +493,9 @@ struct Baton<I> {
     input: Mutex<Option<I>>,
     watch: Mutex<Watch>,
     bell: Condvar,
+    /// The other thread stands by (or is about to): a request may run on
+    /// the reading thread. Changed under `watch`'s lock.
+    standby_ready: AtomicBool,
 }
 
 #[derive(Default)]
@@ -456,6 +516,7 @@ impl<I> Default for Baton<I> {
             input: Mutex::new(None),
             watch: Mutex::default(),
             bell: Condvar::new(),
+            standby_ready: AtomicBool::new(false),
         }
     }
 }
@@ -474,26 +535,33 @@ impl<I> Baton<I> {
         }
     }
 
-    /// After it: the input, unless the standby has taken it over.
+    /// After it: the input, unless the standby has taken it over; then
+    /// this thread is the standby.
     fn take_back(&self) -> Option<I> {
-        lock(&self.watch).running_since = None;
-        lock(&self.input).take()
+        let mut watch = lock(&self.watch);
+        watch.running_since = None;
+        let input = lock(&self.input).take();
+        if input.is_none() {
+            self.standby_ready.store(true, Ordering::Relaxed);
+        }
+        drop(watch);
+        input
+    }
+
+    fn standing_by(&self) -> bool {
+        self.standby_ready.load(Ordering::Relaxed)
     }
 
     fn end(&self) {
         lock(&self.watch).ended = true;
-        self.bell.notify_one();
+        self.bell.notify_all();
     }
 }
 
-/// The standby thread: takes the input over from a reading thread held by
-/// one request for [`TAKE_OVER_AFTER`], and reads on, with every request
-/// from then on run on the pool. Returns the end of input it read to, or
-/// `None` if it never took over.
-fn standby<I: BufRead + Send>(
-    reader: &Reader<'_>,
-    baton: &Baton<I>,
-) -> Option<Result<(), FrameError>> {
+/// Standing by: takes the input over from a reading thread held by one
+/// request for [`TAKE_OVER_AFTER`] and returns it, to read on; `None` once
+/// the other thread has read to the end.
+fn standby<I>(baton: &Baton<I>) -> Option<I> {
     let mut seen = 0;
     let mut quiet_ticks = 0;
     let mut watch = lock(&baton.watch);
@@ -503,17 +571,18 @@ fn standby<I: BufRead + Send>(
         }
         if let Some(since) = watch.running_since {
             if since.elapsed() >= TAKE_OVER_AFTER {
-                drop(watch);
+                // Under `watch`, as `take_back` takes it: one of the two
+                // gets the input.
                 if let Some(input) = lock(&baton.input).take() {
+                    baton.standby_ready.store(false, Ordering::Relaxed);
+                    drop(watch);
                     crate::elog!(
                         "worker: a singleplex request has held the reading thread for {} ms: \
-                         reading goes on beside it, and requests run on the pool from now on",
+                         reading goes on in another thread",
                         since.elapsed().as_millis()
                     );
-                    return reader.read(input, None);
+                    return Some(input);
                 }
-                watch = lock(&baton.watch);
-                continue;
             }
         }
         if watch.started != seen {
@@ -623,18 +692,26 @@ mod tests {
         assert_eq!((wire.request_id, wire.exit_code), (7, 3));
     }
 
-    /// Records the thread each request ran on, by its first argument.
-    struct Where(Mutex<Vec<(String, thread::ThreadId)>>);
+    /// Records the name of the thread each request ran on, by its first
+    /// argument.
+    struct Where(Mutex<Vec<(String, String)>>);
 
     impl Handler for Where {
         fn handle(&self, request: &Request) -> Response {
             let arg = request.args.first().cloned().unwrap_or_default();
-            lock(&self.0).push((arg, thread::current().id()));
+            let name = thread::current().name().unwrap_or("?").to_owned();
+            lock(&self.0).push((arg, name));
             Response::ok("")
         }
     }
 
-    fn serve_requests(requests: &[WorkRequest]) -> Vec<(String, thread::ThreadId)> {
+    /// Whether a thread of that name reads the input (pool threads are
+    /// `worker-N`).
+    fn reads(thread: &str) -> bool {
+        thread == "bazel-reader" || thread == "bazel-standby"
+    }
+
+    fn serve_requests(requests: &[WorkRequest]) -> Vec<(String, String)> {
         let mut input = Vec::new();
         for request in requests {
             input.extend(WireFormat::Proto.encode_request(request));
@@ -651,7 +728,7 @@ mod tests {
             tool,
             Pool::new(2),
             &config,
-            &input[..],
+            std::io::Cursor::new(input),
             Box::new(std::io::sink()),
         )
         .unwrap();
@@ -670,8 +747,7 @@ mod tests {
     fn a_short_singleplex_request_runs_on_the_thread_that_read_it() {
         let requests: Vec<_> = (0..20).map(|i| work(0, &i.to_string())).collect();
         let ran = serve_requests(&requests);
-        let here = thread::current().id();
-        let on_reader: Vec<bool> = ran.iter().map(|(_, t)| *t == here).collect();
+        let on_reader: Vec<bool> = ran.iter().map(|(_, t)| reads(t)).collect();
         assert_eq!(ran.len(), 20);
         // The first, with nothing before it, always; each later one if the
         // one before took under 10 ms, which on a loaded machine a stall
@@ -692,10 +768,9 @@ mod tests {
             work(1, "multi"),
             work(2, "multi"),
         ]);
-        let here = thread::current().id();
         for (arg, thread) in &ran {
             if arg == "multi" {
-                assert_ne!(*thread, here, "{ran:?}");
+                assert!(thread.starts_with("worker-"), "{ran:?}");
             }
         }
         assert_eq!(ran.len(), 4);
