@@ -694,14 +694,29 @@ mod tests {
 
     /// Records the name of the thread each request ran on, by its first
     /// argument.
-    struct Where(Mutex<Vec<(String, String)>>);
+    /// `long` holds its thread until it is cancelled, which only a takeover
+    /// lets it be (nobody else reads the cancel); `short` works 1 ms.
+    #[derive(Default)]
+    struct Where {
+        ran: Mutex<Vec<(String, String)>>,
+    }
 
     impl Handler for Where {
         fn handle(&self, request: &Request) -> Response {
             let arg = request.args.first().cloned().unwrap_or_default();
             let name = thread::current().name().unwrap_or("?").to_owned();
-            lock(&self.0).push((arg, name));
-            Response::ok("")
+            lock(&self.ran).push((arg.clone(), name));
+            match arg.as_str() {
+                "long" => match request.cancel.sleep(Duration::from_secs(20)) {
+                    Err(stop) => Response::stopped(stop, "cancelled"),
+                    Ok(()) => Response::error(1, "never cancelled"),
+                },
+                "short" => {
+                    thread::sleep(Duration::from_millis(1));
+                    Response::ok("")
+                }
+                _ => Response::ok(""),
+            }
         }
     }
 
@@ -712,11 +727,16 @@ mod tests {
     }
 
     fn serve_requests(requests: &[WorkRequest]) -> Vec<(String, String)> {
+        serve_and_answer(requests).0
+    }
+
+    /// The threads requests ran on, and the responses in order.
+    fn serve_and_answer(requests: &[WorkRequest]) -> (Vec<(String, String)>, Vec<WorkResponse>) {
         let mut input = Vec::new();
         for request in requests {
             input.extend(WireFormat::Proto.encode_request(request));
         }
-        let handler = Arc::new(Where(Mutex::default()));
+        let handler = Arc::new(Where::default());
         let config = Config {
             format: WireFormat::Proto,
             max_message_bytes: 1 << 20,
@@ -724,16 +744,23 @@ mod tests {
             verbose: false,
         };
         let tool: Arc<dyn Handler> = handler.clone();
+        let output = Output::default();
         serve(
             tool,
             Pool::new(2),
             &config,
             std::io::Cursor::new(input),
-            Box::new(std::io::sink()),
+            Box::new(output.clone()),
         )
         .unwrap();
-        let ran = lock(&handler.0).clone();
-        ran
+        let ran = lock(&handler.ran).clone();
+        let written = lock(&output.0).clone();
+        let mut answers = Vec::new();
+        let mut rest = &written[..];
+        while let Ok(Some(answer)) = WireFormat::Proto.read_response(&mut rest, usize::MAX) {
+            answers.push(answer);
+        }
+        (ran, answers)
     }
 
     fn work(id: i32, arg: &str) -> WorkRequest {
@@ -774,5 +801,41 @@ mod tests {
             }
         }
         assert_eq!(ran.len(), 4);
+    }
+
+    /// The response stream, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Output(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Output {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_a_takeover_the_threads_swap_and_short_requests_run_on_the_reader_again() {
+        let mut cancel = WorkRequest::new();
+        cancel.cancel = true;
+        let mut requests = vec![work(0, "long"), cancel];
+        requests.extend((0..300).map(|_| work(0, "short")));
+        let (ran, answers) = serve_and_answer(&requests);
+        assert_eq!((ran.len(), answers.len()), (301, 301));
+        // The long one held the first reader until the standby took over
+        // and read its cancel.
+        assert_eq!(ran[0], ("long".to_owned(), "bazel-reader".to_owned()));
+        assert!(answers[0].was_cancelled, "{:?}", answers[0]);
+        // Once it returned, the first reader stood by, and the new one ran
+        // short requests itself again.
+        let after: Vec<&str> = ran[1..].iter().map(|(_, t)| t.as_str()).collect();
+        assert!(
+            after.contains(&"bazel-standby"),
+            "no request ran on the new reader: {after:?}"
+        );
     }
 }
