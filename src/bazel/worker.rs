@@ -1,5 +1,6 @@
 //! The Bazel worker loop. Requests enter in [`serve`] on the reading thread,
-//! run on the pool, and their responses leave through the
+//! run on the pool (a short singleplex one on the reading thread itself, see
+//! below), and their responses leave through the
 //! [`ResponseWriter`] from the pool thread that
 //! finished them (or one finishing beside it).
 //!
@@ -15,11 +16,15 @@
 //! thread would only add a wake-up to the round trip, and on a machine
 //! busy with a build a wake-up that does not preempt waits out a scheduler
 //! tick (Bazel beside `nice 19` hogs: 0.8 to 1.1 % of requests over 2 ms
-//! handed over, 0.03 to 0.16 % run here). A request that holds the reading
-//! thread for 10 ms is not left deaf to its cancel: the standby thread, which
-//! looks every 10 ms while requests run here and sleeps after a second
-//! without one, takes the input over and reads on, and every later request
-//! runs on the pool.
+//! handed over, 0.03 to 0.16 % run here).
+//!
+//! So the input has two threads of its own, which take turns: one reads,
+//! the other stands by. A request that holds the reader for 10 ms is not
+//! left deaf to its cancel: the standby (which looks every 10 ms while
+//! requests run on the reader, and sleeps after a second without one) takes
+//! the input over and reads on; the old reader stands by once its request
+//! returns. Neither is the caller's thread, so a tool that never returns
+//! cannot keep [`serve`] from returning at the end of input.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
