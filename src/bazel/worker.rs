@@ -97,7 +97,7 @@ impl Session {
     /// Whether the last request ran on the reading thread, which has not read
     /// since: its client, in lockstep, is about to send the next one. Asked
     /// once per answer.
-    pub fn take_answered_here(&self) -> bool {
+    pub(crate) fn take_answered_here(&self) -> bool {
         self.answered_here.swap(false, Ordering::Relaxed)
     }
 
@@ -180,8 +180,8 @@ pub fn serve(
 /// [`serve`] with a session made beforehand, so that a signal handler can
 /// [`Session::stop`] it.
 ///
-/// The input is read on two threads of its own that take turns (see
-/// [`take_turns`]): either may be held by a request's tool, which must not
+/// The input is read on two threads of its own that take turns (see the
+/// module's documentation): either may be held by a request's tool, which must not
 /// keep this function from returning at the end of input.
 pub fn serve_session<I: BufRead + Send + 'static>(
     handler: Arc<dyn Handler>,
