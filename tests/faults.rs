@@ -349,19 +349,6 @@ fn a_closed_stdout_is_logged_once_and_the_worker_exits_cleanly() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// Waits, bounded, until the worker's log contains `text`.
-fn wait_for_log(worker: &Worker, text: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !worker.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {text:?}: {}",
-            worker.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Cancels `id`, whose tool hangs, and requires the cancelled answer within
 /// the pool's cancel grace plus scheduling slack.
 fn cancel_hung(worker: &mut Worker, id: i32) {
@@ -386,9 +373,9 @@ fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck
     let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&["--concurrency", "2"], dir.path());
     worker.send(&request(1, &["--hang", "h1"]));
-    wait_for_log(&worker, "demo: hanging in h1");
+    worker.wait_for_log("demo: hanging in h1");
     cancel_hung(&mut worker, 1);
-    wait_for_log(&worker, "is stuck: request 1 has run");
+    worker.wait_for_log("is stuck: request 1 has run");
     assert!(
         worker.stderr().contains("(1 of 2 thread(s) stuck)"),
         "{}",
@@ -405,14 +392,14 @@ fn a_tool_that_never_returns_is_answered_on_cancel_and_its_thread_reported_stuck
     );
 
     worker.send(&request(3, &["--hang", "h3"]));
-    wait_for_log(&worker, "demo: hanging in h3");
+    worker.wait_for_log("demo: hanging in h3");
     cancel_hung(&mut worker, 3);
-    wait_for_log(&worker, "all 2 pool thread(s) are stuck");
+    worker.wait_for_log("all 2 pool thread(s) are stuck");
 
     // No thread left: the request queues, says so, and a cancel still
     // answers it.
     worker.send(&request(4, &["queued.txt"]));
-    wait_for_log(&worker, "request 4 queued: all 2 pool thread(s) are stuck");
+    worker.wait_for_log("request 4 queued: all 2 pool thread(s) are stuck");
     cancel_hung(&mut worker, 4);
     assert!(!dir.path().join("queued.txt").exists());
 
@@ -437,10 +424,10 @@ fn a_singleplex_tool_that_never_returns_does_not_keep_the_worker_from_exiting() 
     let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&[], dir.path());
     worker.send(&request(0, &["--hang", "h0"]));
-    wait_for_log(&worker, "demo: hanging in h0");
+    worker.wait_for_log("demo: hanging in h0");
     cancel_hung(&mut worker, 0);
-    wait_for_log(&worker, "has held the reading thread");
-    wait_for_log(&worker, "is stuck: request 0 has run");
+    worker.wait_for_log("has held the reading thread");
+    worker.wait_for_log("is stuck: request 0 has run");
     worker.send(&request(0, &["after.txt"]));
     let response = worker.recv();
     assert_eq!((response.request_id, response.exit_code), (0, 0));

@@ -302,6 +302,21 @@ impl Worker {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
+    /// Waits, within [`WAIT`], until the worker's log contains `text`: the
+    /// log is read by a thread of its own, so a line written before a
+    /// response may reach the test after it.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "log never said {text:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Closes stdin; returns the exit status, the responses not yet
     /// received, and everything the worker wrote to stderr. Each wait is
     /// bounded by [`WAIT`].
