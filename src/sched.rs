@@ -17,7 +17,7 @@
 //! Never for the worker's children: a bridge's child (a compiler) gets the
 //! kernel's default slice back before it runs ([`default_slice_in_child`]).
 //!
-//! It also tells the pool whether the machine has a core to spare
+//! It also tells the Bazel reading thread whether the machine has a core to spare
 //! ([`a_core_each`]): a thread that waits awake for the next request (to
 //! spare the request a wake-up) takes nothing from anybody on an idle
 //! machine, but on a busy one the CPU time it spends is time the scheduler

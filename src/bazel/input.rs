@@ -7,9 +7,10 @@
 //! core costs 20 to 50 µs on a virtual machine, more than the request; so
 //! while every runnable task on the machine has a core to itself
 //! ([`a_core_each`](crate::sched::a_core_each)), a client in lockstep finds
-//! the thread awake instead, polling: for one and a half times the last gap
-//! between an answer and the next request, within 50 and 500 µs (the pool's
-//! idle threads follow the same rhythm, see `pool::idle`).
+//! the thread awake instead, polling, for as long as the pool's idle threads
+//! wait after a lockstep request (`pool::stay_awake`: one and a half times
+//! the last gap between an answer and the next request, within 50 and
+//! 500 µs).
 //!
 //! On a busy machine it blocks at once. Measured (`ci/bench-tail.sh`,
 //! Bazel, 10,000 requests that each write a file, beside two `nice 19` hogs
@@ -31,9 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::worker::Session;
-
-const STAY_AWAKE_MIN: Duration = Duration::from_micros(50);
-const STAY_AWAKE_MAX: Duration = Duration::from_micros(500);
+use crate::pool::{stay_awake, Pace};
 
 /// The worker's standard input, waiting awake for a lockstep client.
 pub struct Stdin {
@@ -55,7 +54,8 @@ impl Stdin {
             // `ManuallyDrop` never closes it.
             file: ManuallyDrop::new(unsafe { File::from_raw_fd(0) }),
             session,
-            last_gap: STAY_AWAKE_MAX + Duration::from_micros(1),
+            // No gap yet: the short wait.
+            last_gap: Duration::MAX,
         }
     }
 
@@ -80,15 +80,6 @@ impl Stdin {
     }
 }
 
-/// One and a half times the last gap, within bounds; the minimum after a
-/// client that paused.
-fn stay_awake(last_gap: Duration) -> Duration {
-    if last_gap > STAY_AWAKE_MAX {
-        return STAY_AWAKE_MIN;
-    }
-    (last_gap * 3 / 2).clamp(STAY_AWAKE_MIN, STAY_AWAKE_MAX)
-}
-
 impl Read for Stdin {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.session.take_answered_here() {
@@ -96,25 +87,10 @@ impl Read for Stdin {
         }
         let started = Instant::now();
         if crate::sched::a_core_each() {
-            self.wait_awake(stay_awake(self.last_gap));
+            self.wait_awake(stay_awake(Pace::Lockstep, self.last_gap));
         }
         let read = self.file.read(buf);
         self.last_gap = started.elapsed();
         read
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_wait_awake_follows_the_client_within_bounds() {
-        let us = Duration::from_micros;
-        assert_eq!(stay_awake(us(100)), us(150));
-        assert_eq!(stay_awake(us(10)), STAY_AWAKE_MIN);
-        assert_eq!(stay_awake(us(400)), STAY_AWAKE_MAX);
-        // A client that paused (or the first request): the short wait.
-        assert_eq!(stay_awake(STAY_AWAKE_MAX + us(1)), STAY_AWAKE_MIN);
     }
 }

@@ -78,8 +78,6 @@ pub struct Session {
     answered_here: AtomicBool,
 }
 
-const INLINE_UNDER_US: u64 = 10_000;
-
 impl Session {
     pub fn new(format: WireFormat, output: Box<dyn Write + Send>) -> Arc<Session> {
         Arc::new(Session {
@@ -215,6 +213,7 @@ pub fn serve_session<I: BufRead + Send + 'static>(
         baton.standby_ready.store(false, Ordering::Relaxed);
     }
     let reading = turns("bazel-reader", Some(input)).map_err(|e| {
+        baton.end();
         FrameError::Io(std::io::Error::new(
             e.kind(),
             format!("starting the reading thread: {e}"),
@@ -289,7 +288,7 @@ fn take_turns<I: BufRead + Send>(
 ) -> Option<Result<(), FrameError>> {
     loop {
         if let Some(input) = input.take() {
-            if let Some(ended) = reader.read(input, Some(baton)) {
+            if let Some(ended) = reader.read(input, baton) {
                 baton.end();
                 return Some(ended);
             }
@@ -317,7 +316,7 @@ impl Reader {
     fn read<I: BufRead + Send>(
         &self,
         mut input: I,
-        baton: Option<&Baton<I>>,
+        baton: &Baton<I>,
     ) -> Option<Result<(), FrameError>> {
         let Reader {
             handler,
@@ -418,7 +417,7 @@ impl Reader {
                 // answer; multiplex ones keep sending.
                 let pace = if id == 0 { Pace::Lockstep } else { Pace::Free };
                 let here = id == 0
-                    && baton.is_some_and(Baton::standing_by)
+                    && baton.standing_by()
                     && table.is_empty()
                     && request.cancel.deadline().is_none()
                     && session.last_singleplex_us.load(Ordering::Relaxed) < INLINE_UNDER_US;
@@ -462,21 +461,24 @@ impl Reader {
                     });
                 table.insert(id, ticket);
                 drop(table);
-                match baton {
-                    Some(baton) if here => {
-                        // A cancel for it, or anything else, is read by the
-                        // standby if it runs long.
-                        baton.hand_over(input);
-                        pool.run_here(pending);
-                        input = baton.take_back()?;
-                        session.answered_here.store(true, Ordering::Relaxed);
-                    }
-                    _ => pool.queue_pending(pending),
+                if here {
+                    // A cancel for it, or anything else, is read by the
+                    // standby if it runs long.
+                    baton.hand_over(input);
+                    pool.run_here(pending);
+                    input = baton.take_back()?;
+                    session.answered_here.store(true, Ordering::Relaxed);
+                } else {
+                    pool.queue_pending(pending);
                 }
             }
         }
     }
 }
+
+/// A singleplex request runs on the reading thread if the one before took
+/// less than this, in µs.
+const INLINE_UNDER_US: u64 = 10_000;
 
 /// How long a request may hold the reading thread before the standby takes
 /// the input over: a cancel for it waits at most this plus [`TICK`].
@@ -698,8 +700,7 @@ mod tests {
     }
 
     /// Records the name of the thread each request ran on, by its first
-    /// argument.
-    /// `long` holds its thread until it is cancelled, which only a takeover
+    /// argument. `long` holds its thread until it is cancelled, which only a takeover
     /// lets it be (nobody else reads the cancel); `short` works 1 ms.
     #[derive(Default)]
     struct Where {

@@ -144,7 +144,7 @@ const MAX_AWAKE: usize = 1;
 /// being `last_gap`. A gap longer than the maximum (a client that paused)
 /// gives the minimum, so that an idle worker spends one short wait awake
 /// before it sleeps, not a long one.
-fn stay_awake(pace: Pace, last_gap: Duration) -> Duration {
+pub(crate) fn stay_awake(pace: Pace, last_gap: Duration) -> Duration {
     if pace == Pace::Free || last_gap > STAY_AWAKE_MAX {
         return STAY_AWAKE_MIN;
     }
