@@ -18,7 +18,7 @@
 //! kernel's default slice back before it runs ([`default_slice_in_child`]).
 //!
 //! It also tells the Bazel reading thread whether the machine has a core to spare
-//! ([`a_core_each`]): a thread that waits awake for the next request (to
+//! ([`Spare`]): a thread that waits awake for the next request (to
 //! spare the request a wake-up) takes nothing from anybody on an idle
 //! machine, but on a busy one the CPU time it spends is time the scheduler
 //! then gives back to the busy processes, in slices that requests wait out.
@@ -107,24 +107,80 @@ pub fn nice_for_children() -> i32 {
     nice().unwrap_or(0)
 }
 
-/// Whether every task runnable on the machine now, the caller included, has
-/// a core to itself (the fourth field of `/proc/loadavg` against the cores
-/// this process may use). `false` where that cannot be read: waiting awake
-/// is then never worth the risk. One `pread`, about a microsecond.
-pub fn a_core_each() -> bool {
-    static PROBE: OnceLock<Option<(File, usize)>> = OnceLock::new();
-    let probe = PROBE.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        File::open("/proc/loadavg").ok().map(|file| (file, cores))
-    });
-    let Some((file, cores)) = probe else {
-        return false;
-    };
-    let mut buf = [0u8; 128];
-    let Ok(n) = file.read_at(&mut buf, 0) else {
-        return false;
-    };
-    runnable(&buf[..n]).is_some_and(|running| running <= *cores)
+/// Whether the machine has a core to spare for the Bazel reading thread to
+/// wait awake on, judged from the runnable count in `/proc/loadavg`.
+///
+/// Not from one reading against the cores: measured on 2 cores while
+/// serving a lockstep client, the count was one over the cores (3) in 27 to
+/// 52 % of readings on an idle machine, the client's own threads being
+/// runnable right when an answer reaches them (the benchmark client reads
+/// responses on one thread and hands them to another); and beside four
+/// `nice 19` hogs it was 1 in a third of readings (hogs off their
+/// run queues for a moment) and 5 or more in the rest. An idle machine
+/// almost never showed 4 or more (0.1 %).
+///
+/// So: a reading of more than one task over the cores makes the machine
+/// busy for the next [`SPARE_BUSY_READINGS`] readings, whatever they show;
+/// otherwise a core is spare. Starts busy: a worker started on a busy
+/// machine never waits awake.
+///
+/// Tried instead (A/B runs, not stored; 8 alternating rounds of 10,000
+/// no-op requests, and `ci/bench-tail.sh` Bazel rounds): one reading
+/// against the cores (as before), quiet no-op p50 27 µs, niced 0.03 % over
+/// 2 ms; the share of readings over the cores averaged over the last 16,
+/// quiet p50 14.5 µs but niced 0.40 %; awake whenever the reading thread
+/// has not been preempted since a reading found a core for each, p50 28 µs
+/// (the client's threads, woken on the reading thread's core, preempt it).
+#[derive(Debug)]
+pub struct Spare {
+    /// Readings left before a core may be spare again.
+    busy_for: u32,
+}
+
+/// Readings a crowded one keeps the machine busy for.
+const SPARE_BUSY_READINGS: u32 = 16;
+
+impl Default for Spare {
+    fn default() -> Self {
+        Spare {
+            busy_for: SPARE_BUSY_READINGS,
+        }
+    }
+}
+
+impl Spare {
+    /// Reads the runnable count once (one `pread`, about a microsecond) and
+    /// says whether the machine has a core to spare now.
+    pub fn now(&mut self) -> bool {
+        static PROBE: OnceLock<Option<(File, usize)>> = OnceLock::new();
+        let probe = PROBE.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            File::open("/proc/loadavg").ok().map(|file| (file, cores))
+        });
+        let Some((file, cores)) = probe else {
+            return false;
+        };
+        let mut buf = [0u8; 128];
+        let count = file
+            .read_at(&mut buf, 0)
+            .ok()
+            .and_then(|n| runnable(&buf[..n]));
+        self.note(count, *cores)
+    }
+
+    /// Counts one reading of the runnable count (`None`: unreadable, which
+    /// counts as crowded: waiting awake is then never worth the risk).
+    fn note(&mut self, runnable: Option<usize>, cores: usize) -> bool {
+        if runnable.is_none_or(|n| n > cores + 1) {
+            self.busy_for = SPARE_BUSY_READINGS;
+            return false;
+        }
+        if self.busy_for > 0 {
+            self.busy_for -= 1;
+            return false;
+        }
+        true
+    }
 }
 
 /// The runnable-task count in `/proc/loadavg` ("0.10 0.20 0.30 2/345 678").
@@ -137,6 +193,42 @@ fn runnable(loadavg: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Starts busy; readings at most one over the cores (a lockstep
+    /// client's own threads) free a core after 16 and keep it spare; one
+    /// more over than that makes the machine busy for the next 16
+    /// readings, however empty; so do unreadable ones.
+    #[test]
+    fn a_core_is_spare_unless_a_recent_reading_was_crowded() {
+        let mut spare = Spare::default();
+        let cores = 2;
+        for n in 0..16 {
+            assert!(
+                !spare.note(Some(n % 4), cores),
+                "spare at reading {n} of the first 16"
+            );
+        }
+        for n in 0..1_000 {
+            assert!(
+                spare.note(Some(n % 4), cores),
+                "busy at reading {n}, count {}",
+                n % 4
+            );
+        }
+        for crowded in [Some(4), Some(6), None] {
+            assert!(!spare.note(crowded, cores), "spare with {crowded:?}");
+            for n in 0..16 {
+                assert!(
+                    !spare.note(Some(1), cores),
+                    "spare {n} readings after {crowded:?}"
+                );
+            }
+            assert!(
+                spare.note(Some(1), cores),
+                "still busy 17 readings after {crowded:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_runnable_count_is_the_fourth_field_of_loadavg() {

@@ -5,8 +5,9 @@
 //! `worker`), and its answer out, that thread waits for the next request.
 //! Blocking in `read` at once lets its core go idle, and waking a halted
 //! core costs 20 to 50 µs on a virtual machine, more than the request; so
-//! while every runnable task on the machine has a core to itself
-//! ([`a_core_each`](crate::sched::a_core_each)), a client in lockstep finds
+//! while the machine has a core to spare ([`Spare`]: no recent reading of
+//! the runnable count found more than one task over the cores), a client
+//! in lockstep finds
 //! the thread awake instead, polling, for as long as the pool's idle threads
 //! wait after a lockstep request (`pool::stay_awake`: one and a half times
 //! the last gap between an answer and the next request, within 50 and
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::worker::Session;
 use crate::pool::{stay_awake, Pace};
+use crate::sched::Spare;
 
 /// The worker's standard input, waiting awake for a lockstep client.
 pub struct Stdin {
@@ -43,6 +45,8 @@ pub struct Stdin {
     session: Arc<Session>,
     /// How long the last wait for a lockstep request took.
     last_gap: Duration,
+    /// Whether the machine has a core to spare for waiting awake.
+    spare: Spare,
 }
 
 impl Stdin {
@@ -56,6 +60,7 @@ impl Stdin {
             session,
             // No gap yet: the short wait.
             last_gap: Duration::MAX,
+            spare: Spare::default(),
         }
     }
 
@@ -86,7 +91,7 @@ impl Read for Stdin {
             return self.file.read(buf);
         }
         let started = Instant::now();
-        if crate::sched::a_core_each() {
+        if self.spare.now() {
             self.wait_awake(stay_awake(Pace::Lockstep, self.last_gap));
         }
         let read = self.file.read(buf);
