@@ -122,7 +122,11 @@ pub fn nice_for_children() -> i32 {
 /// So: a reading of more than one task over the cores makes the machine
 /// busy for the next [`SPARE_BUSY_READINGS`] readings, whatever they show;
 /// otherwise a core is spare. Starts busy: a worker started on a busy
-/// machine never waits awake.
+/// machine never waits awake. Never with fewer than 2 cores to run on
+/// (its affinity): the thread waiting awake would hold the one core, and
+/// its client, if it shares it, gets it back only when the kernel
+/// preempts the waiting thread; a floor waiting the same way yields it,
+/// and the two pinned to one core would measure that, not the worker.
 ///
 /// Tried instead (A/B runs, not stored; 8 alternating rounds of 10,000
 /// no-op requests, and `ci/bench-tail.sh` Bazel rounds): one reading
@@ -171,6 +175,9 @@ impl Spare {
     /// Counts one reading of the runnable count (`None`: unreadable, which
     /// counts as crowded: waiting awake is then never worth the risk).
     fn note(&mut self, runnable: Option<usize>, cores: usize) -> bool {
+        if cores < 2 {
+            return false;
+        }
         if runnable.is_none_or(|n| n > cores + 1) {
             self.busy_for = SPARE_BUSY_READINGS;
             return false;
@@ -197,7 +204,8 @@ mod tests {
     /// Starts busy; readings at most one over the cores (a lockstep
     /// client's own threads) free a core after 16 and keep it spare; one
     /// more over than that makes the machine busy for the next 16
-    /// readings, however empty; so do unreadable ones.
+    /// readings, however empty; so do unreadable ones. One core is never
+    /// spare.
     #[test]
     fn a_core_is_spare_unless_a_recent_reading_was_crowded() {
         let mut spare = Spare::default();
@@ -227,6 +235,9 @@ mod tests {
                 spare.note(Some(1), cores),
                 "still busy 17 readings after {crowded:?}"
             );
+        }
+        for n in 0..100 {
+            assert!(!spare.note(Some(1), 1), "spare on one core at reading {n}");
         }
     }
 
