@@ -44,6 +44,12 @@ case $profile in
     ;;
 esac
 client="$release/worker-client"
+# CPU time so far, all of it and the part the hypervisor gave to other guests
+# (steal, the eighth field of /proc/stat's cpu line). A run on a host that
+# took a tenth of the cores measures that too, so the share stolen during the
+# run is printed and stored with it.
+cpu_times() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
+read -r cpu_total_before cpu_steal_before < <(cpu_times)
 # BENCH_WORKER: another build of the worker (e.g. another opt-level) measured
 # against the same client and floors.
 worker="${BENCH_WORKER:-$release/persistent-worker}"
@@ -126,8 +132,9 @@ latency_rows() {
   # worker skips, and the worker would come out below it.
   row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"
   row "floor proto" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto"
-  # The same with the one hop the worker's design makes (the thread that reads
-  # hands each request to another thread): what that hop costs on this machine.
+  # The same with the hop a multiplex request makes (the thread that reads
+  # hands it to a pool thread; a short singleplex one runs on the reading
+  # thread and skips it): what that hop costs on this machine.
   row "floor proto via thread" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_proto" --via-thread
   # The write rows' floors create the same files the demo tool does.
   write
@@ -283,8 +290,11 @@ for ((round = 1; round <= rounds; round++)); do
 done
 
 cd "$root"
+read -r cpu_total_after cpu_steal_after < <(cpu_times)
+stolen=$(awk -v t=$((cpu_total_after - cpu_total_before)) -v s=$((cpu_steal_after - cpu_steal_before)) \
+  'BEGIN { printf "%.1f %% of CPU time stolen by the hypervisor during the run", t ? 100 * s / t : 0 }')
 python3 ci/bench_report.py "$rows" "$out/results.json" \
-  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files")"
+  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files"), $stolen"
 
 # BENCH_STORE=1: keep this run under bench/results/ with its commit, machine
 # and date; README and docs/performance.md quote figures from those files.
@@ -293,7 +303,7 @@ if [[ ${BENCH_STORE:-} == 1 ]]; then
   commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
   stored="bench/results/$(date -u +%Y-%m-%dT%H%M)-$commit-$profile.json"
   python3 - "$out/results.json" "$stored" "$commit" "$(nproc) cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
-    "$profile build, $requests requests per latency row, $rounds rounds" <<'PY'
+    "$profile build, $requests requests per latency row, $rounds rounds, $stolen" <<'PY'
 import datetime, json, sys
 src, dst, commit, machine, run = sys.argv[1:6]
 with open(src) as f:

@@ -280,7 +280,7 @@ def print_targets(by_name, rows):
          field("bazel proto singleplex noop", "ratio_to_floor"), "<=", 1.5),
         ("  beside: pinned to one core, Bazel proto no-op / floor (p50; the worker's code alone)",
          field("pinned bazel proto singleplex noop", "ratio_to_floor"), None, None),
-        ("  beside: Bazel proto no-op / floor proto via thread (p50; the floor with the design's one hop)",
+        ("  beside: Bazel proto no-op / floor proto via thread (p50; the floor with the hop a multiplex request makes)",
          ratio(p50("bazel proto singleplex noop"), p50("floor proto via thread")), None, None),
         ("  beside: floor proto via thread / floor proto (p50; what that hop costs here)",
          ratio(p50("floor proto via thread"), p50("floor proto")), None, None),
