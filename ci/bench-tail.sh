@@ -53,6 +53,10 @@ printf '#!/bin/sh\nexec %q %q\n' "$PWD/$venv/bin/python" "$PWD/ci/python_noop_wo
 printf '#!/bin/sh\nexec python3 %q "$@"\n' "$PWD/ci/python_bazel_worker.py" >"$work/python-bazel"
 chmod +x "$work/python-grpc" "$work/python-bazel"
 hogs=$((2 * $(nproc)))
+# Taken before the run: the commit measured, and the CPU time so far (the
+# share the hypervisor steals during the run is printed and stored with it).
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
+cpu_before=$(ci/cpu-stolen.sh)
 raw="$work/raw.tsv"
 : >"$raw"
 
@@ -111,9 +115,11 @@ for load in ${TAIL_LOADS:-quiet niced normal}; do
 done
 
 mkdir -p target/bench
-python3 - "$raw" target/bench/tail.json "$requests" "$rounds" "$hogs" <<'PY'
+# shellcheck disable=SC2086 # two numbers, split on purpose
+stolen=$(ci/cpu-stolen.sh $cpu_before)
+python3 - "$raw" target/bench/tail.json "$requests" "$rounds" "$hogs" "$stolen" <<'PY'
 import collections, json, statistics as s, sys
-raw, out, requests, rounds, hogs = sys.argv[1:6]
+raw, out, requests, rounds, hogs, stolen = sys.argv[1:7]
 rows = collections.defaultdict(list)
 for line in open(raw):
     load, protocol, name, *values = line.rstrip("\n").split("\t")
@@ -121,7 +127,7 @@ for line in open(raw):
 loads = {"quiet": "quiet", "niced": f"beside {hogs} niced hogs", "normal": f"beside {hogs} hogs"}
 result = []
 print(f"one client, {requests} requests per round, medians of {rounds} rounds "
-      "(Bazel: each request writes a file; Buck2: Execute no-op)")
+      f"(Bazel: each request writes a file; Buck2: Execute no-op); {stolen}")
 print(f"{'load':22s} {'protocol':8s} {'build':10s} {'mean µs':>9s} {'p50 µs':>8s} {'p99 µs':>8s} "
       f"{'p99.9 µs':>9s} {'>2 ms':>7s}   each round: >2 ms % / p99 µs")
 for (load, protocol, name), values in rows.items():
@@ -139,9 +145,8 @@ with open(out, "w") as f:
 PY
 if [[ ${BENCH_STORE:-} == 1 ]]; then
   mkdir -p bench/results
-  commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
   stored="bench/results/$(date -u +%Y-%m-%dT%H%M)-$commit-tail.json"
-  python3 - target/bench/tail.json "$stored" "$commit" "$(nproc) cores, $(uname -sr)" "$requests requests x $rounds rounds; builds: $*" <<'PY'
+  python3 - target/bench/tail.json "$stored" "$commit" "$(nproc) cores, $(uname -sr)" "$requests requests x $rounds rounds; builds: $*; $stolen" <<'PY'
 import datetime, json, sys
 src, dst, commit, machine, run = sys.argv[1:6]
 stored = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

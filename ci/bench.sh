@@ -44,12 +44,11 @@ case $profile in
     ;;
 esac
 client="$release/worker-client"
-# CPU time so far, all of it and the part the hypervisor gave to other guests
-# (steal, the eighth field of /proc/stat's cpu line). A run on a host that
-# took a tenth of the cores measures that too, so the share stolen during the
-# run is printed and stored with it.
-cpu_times() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
-read -r cpu_total_before cpu_steal_before < <(cpu_times)
+# The share of CPU time stolen by the hypervisor during the run is printed
+# and stored with it; and the commit is the one measured, not whatever is
+# checked out when the run ends.
+cpu_before=$(ci/cpu-stolen.sh)
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
 # BENCH_WORKER: another build of the worker (e.g. another opt-level) measured
 # against the same client and floors.
 worker="${BENCH_WORKER:-$release/persistent-worker}"
@@ -290,17 +289,16 @@ for ((round = 1; round <= rounds; round++)); do
 done
 
 cd "$root"
-read -r cpu_total_after cpu_steal_after < <(cpu_times)
-stolen=$(awk -v t=$((cpu_total_after - cpu_total_before)) -v s=$((cpu_steal_after - cpu_steal_before)) \
-  'BEGIN { printf "%.1f %% of CPU time stolen by the hypervisor during the run", t ? 100 * s / t : 0 }')
+# shellcheck disable=SC2086 # two numbers, split on purpose
+stolen=$(ci/cpu-stolen.sh $cpu_before)
 python3 ci/bench_report.py "$rows" "$out/results.json" \
-  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files"), $stolen"
+  "$(nproc) cores, $(uname -sr), $profile build, $requests requests per latency row, median of $rounds rounds, files written to $(stat -f -c %T "$files"), $stolen" |
+  tee "$out/report.txt"
 
 # BENCH_STORE=1: keep this run under bench/results/ with its commit, machine
 # and date; README and docs/performance.md quote figures from those files.
 if [[ ${BENCH_STORE:-} == 1 ]]; then
   mkdir -p bench/results
-  commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples ci Cargo.toml || echo "-dirty")
   stored="bench/results/$(date -u +%Y-%m-%dT%H%M)-$commit-$profile.json"
   python3 - "$out/results.json" "$stored" "$commit" "$(nproc) cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
     "$profile build, $requests requests per latency row, $rounds rounds, $stolen" <<'PY'
@@ -314,5 +312,6 @@ with open(dst, "w") as f:
     json.dump(stored, f, indent=1)
     f.write("\n")
 PY
-  echo "stored: $stored"
+  cp "$out/report.txt" "${stored%.json}.txt"
+  echo "stored: $stored and ${stored%.json}.txt"
 fi
