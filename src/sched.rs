@@ -128,13 +128,13 @@ pub fn nice_for_children() -> i32 {
 /// preempts the waiting thread; a floor waiting the same way yields it,
 /// and the two pinned to one core would measure that, not the worker.
 ///
-/// Tried instead (A/B runs, not stored; 8 alternating rounds of 10,000
-/// no-op requests, and `ci/bench-tail.sh` Bazel rounds): one reading
-/// against the cores (as before), quiet no-op p50 27 µs, niced 0.03 % over
-/// 2 ms; the share of readings over the cores averaged over the last 16,
-/// quiet p50 14.5 µs but niced 0.40 %; awake whenever the reading thread
-/// has not been preempted since a reading found a core for each, p50 28 µs
-/// (the client's threads, woken on the reading thread's core, preempt it).
+/// Tried instead, in A/B runs (not stored; docs/performance.md has the
+/// figures): one reading against the cores, which blocked after a third to
+/// a half of the answers on an idle machine (quiet no-op p50 24 to 28 µs
+/// against 8); the share of readings over the cores averaged over the last
+/// 16, which waited awake beside niced hogs after every two readings under
+/// (0.40 % of requests over 2 ms); waiting awake until the reading thread
+/// is preempted, which the client's own threads, woken on its core, do.
 #[derive(Debug)]
 pub struct Spare {
     /// Readings left before a core may be spare again.

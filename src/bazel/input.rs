@@ -7,11 +7,10 @@
 //! core costs 20 to 50 µs on a virtual machine, more than the request; so
 //! while the machine has a core to spare ([`Spare`]: no recent reading of
 //! the runnable count found more than one task over the cores), a client
-//! in lockstep finds
-//! the thread awake instead, polling, for as long as the pool's idle threads
-//! wait after a lockstep request (`pool::stay_awake`: one and a half times
-//! the last gap between an answer and the next request, within 50 and
-//! 500 µs).
+//! in lockstep finds the thread awake instead, polling, for as long as the
+//! pool's idle threads wait after a lockstep request (`pool::stay_awake`:
+//! one and a half times the last gap between an answer and the next
+//! request, within 50 and 500 µs).
 //!
 //! On a busy machine it blocks at once. Measured (`ci/bench-tail.sh`,
 //! Bazel, 10,000 requests that each write a file, beside two `nice 19` hogs
