@@ -797,21 +797,20 @@ fn lag(one: Duration) -> Duration {
     (one * 4).max(Duration::from_secs(2))
 }
 
-/// Sends `requests` together; after the first answer, waits at most `lag`
-/// for each further one (and never past `timeout` from the start).
+/// Sends `requests` together, in one write; after the first answer, waits
+/// at most `lag` for each further one (and never past `timeout` from the
+/// start).
 fn pair_exchange(
     worker: &mut StdioWorker,
     requests: &[WorkRequest],
     timeout: Duration,
     lag: Duration,
 ) -> Seen {
-    for request in requests {
-        if let Err(e) = worker.send(request) {
-            return Seen {
-                responses: Vec::new(),
-                end: End::Broken(e.to_string(), Vec::new()),
-            };
-        }
+    if let Err(e) = worker.send_together(requests) {
+        return Seen {
+            responses: Vec::new(),
+            end: End::Broken(e.to_string(), Vec::new()),
+        };
     }
     let end_all = Instant::now() + timeout;
     let mut seen = collect(worker, end_all, |r| !r.is_empty());
