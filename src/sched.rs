@@ -120,7 +120,7 @@ pub fn nice_for_children() -> i32 {
 /// almost never showed 4 or more (0.1 %).
 ///
 /// So: a reading of more than one task over the cores makes the machine
-/// busy for the next [`SPARE_BUSY_READINGS`] readings, whatever they show;
+/// busy for the next 16 readings (`SPARE_BUSY_READINGS`), whatever they show;
 /// otherwise a core is spare. Starts busy: a worker started on a busy
 /// machine never waits awake. Never with fewer than 2 cores to run on
 /// (its affinity): the thread waiting awake would hold the one core, and
