@@ -153,8 +153,8 @@ impl Default for Spare {
 }
 
 impl Spare {
-    /// Reads the runnable count once (one `pread`, about a microsecond) and
-    /// says whether the machine has a core to spare now.
+    /// Reads the runnable count once (one `pread`, about a microsecond; none
+    /// on one core) and says whether the machine has a core to spare now.
     pub fn now(&mut self) -> bool {
         static PROBE: OnceLock<Option<(File, usize)>> = OnceLock::new();
         let probe = PROBE.get_or_init(|| {
@@ -164,21 +164,21 @@ impl Spare {
         let Some((file, cores)) = probe else {
             return false;
         };
-        let mut buf = [0u8; 128];
-        let count = file
-            .read_at(&mut buf, 0)
-            .ok()
-            .and_then(|n| runnable(&buf[..n]));
-        self.note(count, *cores)
+        self.note(*cores, || {
+            let mut buf = [0u8; 128];
+            let n = file.read_at(&mut buf, 0).ok()?;
+            runnable(&buf[..n])
+        })
     }
 
-    /// Counts one reading of the runnable count (`None`: unreadable, which
-    /// counts as crowded: waiting awake is then never worth the risk).
-    fn note(&mut self, runnable: Option<usize>, cores: usize) -> bool {
+    /// Counts one reading of the runnable count, taken by `read` only when
+    /// it can matter (not on one core). `None`: unreadable, which counts as
+    /// crowded: waiting awake is then never worth the risk.
+    fn note(&mut self, cores: usize, read: impl FnOnce() -> Option<usize>) -> bool {
         if cores < 2 {
             return false;
         }
-        if runnable.is_none_or(|n| n > cores + 1) {
+        if read().is_none_or(|n| n > cores + 1) {
             self.busy_for = SPARE_BUSY_READINGS;
             return false;
         }
@@ -212,32 +212,35 @@ mod tests {
         let cores = 2;
         for n in 0..16 {
             assert!(
-                !spare.note(Some(n % 4), cores),
+                !spare.note(cores, || Some(n % 4)),
                 "spare at reading {n} of the first 16"
             );
         }
         for n in 0..1_000 {
             assert!(
-                spare.note(Some(n % 4), cores),
+                spare.note(cores, || Some(n % 4)),
                 "busy at reading {n}, count {}",
                 n % 4
             );
         }
         for crowded in [Some(4), Some(6), None] {
-            assert!(!spare.note(crowded, cores), "spare with {crowded:?}");
+            assert!(!spare.note(cores, || crowded), "spare with {crowded:?}");
             for n in 0..16 {
                 assert!(
-                    !spare.note(Some(1), cores),
+                    !spare.note(cores, || Some(1)),
                     "spare {n} readings after {crowded:?}"
                 );
             }
             assert!(
-                spare.note(Some(1), cores),
+                spare.note(cores, || Some(1)),
                 "still busy 17 readings after {crowded:?}"
             );
         }
         for n in 0..100 {
-            assert!(!spare.note(Some(1), 1), "spare on one core at reading {n}");
+            assert!(
+                !spare.note(1, || Some(1)),
+                "spare on one core at reading {n}"
+            );
         }
     }
 

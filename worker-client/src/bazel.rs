@@ -224,12 +224,12 @@ impl StdioWorker {
                     }
                 }
                 let ids: Vec<i32> = requests.iter().map(|r| r.request_id).collect();
+                let which = match ids.as_slice() {
+                    [id] => format!("request {id}"),
+                    _ => format!("requests {ids:?}"),
+                };
                 Err(self.died(&format!(
-                    "before request {} could be sent (writing to its stdin failed: {e})",
-                    match ids.as_slice() {
-                        [id] => id.to_string(),
-                        _ => format!("{ids:?}"),
-                    }
+                    "before {which} could be sent (writing to its stdin failed: {e})"
                 )))
             }
         }
