@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Tails under background load, side by side with minimal Python workers: one
-# client in lockstep, Bazel (proto, each request writes a file, beside
-# ci/python_bazel_worker.py) and Buck2 (Execute no-op, beside
-# ci/python_noop_worker.py), on a quiet machine, beside `nice -n 19` CPU hogs
-# (two per core: a build the kernel was told matters less) and beside
-# normal-priority hogs (two per core: a build that matters as much).
+# Tails under background load, side by side with minimal Python workers and
+# the floors: one client in lockstep, Bazel (proto, each request writes a
+# file, beside ci/python_bazel_worker.py and examples/bench_floor_proto
+# --write) and Buck2 (Execute no-op, beside ci/python_noop_worker.py and
+# examples/bench_floor_grpc), on a quiet machine, beside `nice -n 19` CPU
+# hogs (two per core: a build the kernel was told matters less) and beside
+# normal-priority hogs (two per core: a build that matters as much). The
+# floor row is the transport's own tail: what a worker cannot get under.
 # Each build runs ROUNDS times in turn under each load; prints, per load,
 # protocol and build, the medians over the rounds of the mean, p50, p99,
 # p99.9 and the share of requests over 2 ms (about one scheduler tick at
@@ -20,13 +22,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if (($# < 3)); then
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,21p' "$0" >&2
   exit 2
 fi
 requests=$1 rounds=$2
 shift 2
-client=target/x86_64-unknown-linux-gnu/release/worker-client
-[[ -x $client ]] || ci/release.sh >&2
+release=target/x86_64-unknown-linux-gnu/release
+client=$release/worker-client
+floor_proto=$release/examples/bench_floor_proto
+floor_grpc=$release/examples/bench_floor_grpc
+[[ -x $client && -x $floor_proto && -x $floor_grpc ]] || ci/release.sh --examples >&2
 command -v stress-ng >/dev/null || {
   echo "bench-tail.sh: stress-ng is needed for the loaded rows" >&2
   exit 2
@@ -65,9 +70,9 @@ measure() {
   shift
   for ((round = 1; round <= rounds; round++)); do
     for protocol in ${TAIL_PROTOCOLS:-bazel buck2}; do
-      python=$work/python-grpc
-      [[ $protocol == buck2 ]] || python=$work/python-bazel
-      for b in "python=$python" "$@"; do
+      python=$work/python-grpc floor=$floor_grpc
+      [[ $protocol == buck2 ]] || python=$work/python-bazel floor="$floor_proto --write"
+      for b in "python=$python" "floor=$floor" "$@"; do
         local name=${b%%=*} cmd
         read -r -a cmd <<<"${b#*=}"
         local request=(--request --noop)

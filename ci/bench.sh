@@ -126,7 +126,7 @@ cc -O2 -static -o hello hello.c
 
 latency_rows() {
   echo "floors (round $round of $rounds)" >&2
-  # Every floor waits for its next request awake, as the worker's pool does
+  # Every floor waits for its next request awake, as the worker does
   # (examples/floor_support): a floor that slept would pay a core wake-up the
   # worker skips, and the worker would come out below it.
   row "floor pipe" - latency bazel "${n[@]}" "${noop[@]}" -- "$floor_pipe"

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use floor_support::AwakeStdin;
 
 fn main() -> ExitCode {
-    let mut input = BufReader::with_capacity(64 << 10, AwakeStdin);
+    let mut input = BufReader::with_capacity(64 << 10, AwakeStdin::default());
     // SAFETY: fd 1 is open for the whole process; ManuallyDrop keeps it open.
     let mut output = ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
     let mut frame = Vec::new();

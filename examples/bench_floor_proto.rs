@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 
 /// Reads and decodes requests until end of input, passing each on.
 fn serve(mut pass: impl FnMut(WorkRequest) -> Result<(), ExitCode>) -> Result<(), ExitCode> {
-    let mut input = BufReader::with_capacity(64 << 10, AwakeStdin);
+    let mut input = BufReader::with_capacity(64 << 10, AwakeStdin::default());
     loop {
         match with_frame(
             &mut input,

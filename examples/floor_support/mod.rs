@@ -1,5 +1,6 @@
 //! What the benchmark floors share: waiting for the next request awake, as
-//! the worker's pool does, and doing a write request's file the way the demo
+//! the worker does (its pool always, its reading thread while the machine
+//! has a core to spare), and doing a write request's file the way the demo
 //! tool does. A floor is the transport with nothing in the way; if it paid a
 //! core wake-up (or skipped a file) that the worker does not, the worker
 //! would come out faster than its floor and the ratio would measure the
@@ -12,6 +13,8 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use persistent_worker::sched::Spare;
+
 /// The longest the worker's pool waits awake for the next job
 /// (`STAY_AWAKE_MAX` in the worker's pool). Floors wait at least as long, so
 /// a client in lockstep never finds the floor asleep where it finds the
@@ -20,26 +23,35 @@ pub const STAY_AWAKE: Duration = Duration::from_micros(500);
 
 /// Standard input, read after up to [`STAY_AWAKE`] of looking for data
 /// (polling and yielding, as the pool's awake thread does) before a blocking
-/// read. Wrapped in a `BufReader`, it is asked only when the buffer is empty.
-pub struct AwakeStdin;
+/// read, while the machine has a core to spare by the worker's own rule
+/// ([`Spare`]); on a busy machine it blocks at once, as the worker's reading
+/// thread does, so that a floor under background load does not pay for
+/// waiting awake where the worker does not. Wrapped in a `BufReader`, it is
+/// asked only when the buffer is empty.
+#[derive(Default)]
+pub struct AwakeStdin {
+    spare: Spare,
+}
 
 impl Read for AwakeStdin {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let stdin = std::io::stdin();
         let fd = stdin.as_raw_fd();
-        let until = Instant::now() + STAY_AWAKE;
-        loop {
-            let mut poll = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, no wait.
-            let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-            if ready != 0 || Instant::now() >= until {
-                break;
+        if self.spare.now() {
+            let until = Instant::now() + STAY_AWAKE;
+            loop {
+                let mut poll = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, no wait.
+                let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+                if ready != 0 || Instant::now() >= until {
+                    break;
+                }
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
         }
         stdin.lock().read(buf)
     }
