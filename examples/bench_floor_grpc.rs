@@ -31,6 +31,9 @@
 //! so they become unknown fields), so the benchmark client drives this floor
 //! as it drives the worker.
 
+#[path = "floor_support/mod.rs"]
+mod floor_support;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Read;
@@ -183,6 +186,7 @@ fn write_outfile(request: &[u8]) {
 }
 
 fn main() -> ExitCode {
+    floor_support::schedule_as_the_worker();
     let Some(socket) = std::env::var_os("WORKER_SOCKET") else {
         eprintln!("bench_floor_grpc: WORKER_SOCKET is not set");
         return ExitCode::from(2);

@@ -20,9 +20,10 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 
-use floor_support::AwakeStdin;
+use floor_support::{schedule_as_the_worker, AwakeStdin};
 
 fn main() -> ExitCode {
+    schedule_as_the_worker();
     let mut input = BufReader::with_capacity(64 << 10, AwakeStdin::default());
     // SAFETY: fd 1 is open for the whole process; ManuallyDrop keeps it open.
     let mut output = ManuallyDrop::new(unsafe { File::from_raw_fd(1) });

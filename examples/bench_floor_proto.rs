@@ -28,7 +28,7 @@ use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use floor_support::{recv_awake, write_outfile, AwakeStdin};
+use floor_support::{recv_awake, schedule_as_the_worker, write_outfile, AwakeStdin};
 use persistent_worker::bazel::framing::{with_frame, DEFAULT_MAX_MESSAGE_BYTES};
 use persistent_worker::proto::worker_protocol::{WorkRequest, WorkResponse};
 use protobuf::Message;
@@ -37,6 +37,7 @@ use protobuf::Message;
 static STDOUT: Mutex<()> = Mutex::new(());
 
 fn main() -> ExitCode {
+    schedule_as_the_worker();
     let mut write = false;
     let mut threads = 0usize;
     let mut args = std::env::args().skip(1);

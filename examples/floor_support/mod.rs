@@ -4,7 +4,8 @@
 //! tool does. A floor is the transport with nothing in the way; if it paid a
 //! core wake-up (or skipped a file) that the worker does not, the worker
 //! would come out faster than its floor and the ratio would measure the
-//! waiting policy, not the worker's code.
+//! waiting policy, not the worker's code. The same holds for the time
+//! slice the worker asks of the kernel ([`schedule_as_the_worker`]).
 
 #![allow(dead_code)] // Each floor uses the part it needs.
 
@@ -20,6 +21,15 @@ use persistent_worker::sched::Spare;
 /// a client in lockstep never finds the floor asleep where it finds the
 /// worker awake.
 pub const STAY_AWAKE: Duration = Duration::from_micros(500);
+
+/// Asks for the worker's default time slice for this thread and every
+/// thread it starts, as the worker does before its first thread: without it
+/// a floor beside normal-priority load waits out other tasks' slices where
+/// the worker preempts them, and comes out slower than the worker. Call it
+/// first in `main`; a kernel that refuses leaves both at its default.
+pub fn schedule_as_the_worker() {
+    let _ = persistent_worker::sched::request_slice(persistent_worker::cli::DEFAULT_SLICE);
+}
 
 /// Standard input, read after up to [`STAY_AWAKE`] of looking for data
 /// (polling and yielding, as the pool's awake thread does) before a blocking
