@@ -3,10 +3,11 @@
 # the floors: one client in lockstep, Bazel (proto, each request writes a
 # file, beside ci/python_bazel_worker.py and examples/bench_floor_proto
 # --write) and Buck2 (Execute no-op, beside ci/python_noop_worker.py and
-# examples/bench_floor_grpc), on a quiet machine, beside `nice -n 19` CPU
-# hogs (two per core: a build the kernel was told matters less) and beside
-# normal-priority hogs (two per core: a build that matters as much). The
-# floor row is the transport's own tail: what a worker cannot get under.
+# examples/bench_floor_grpc, plain and --answer-from-pool), on a quiet
+# machine, beside `nice -n 19` CPU hogs (two per core: a build the kernel
+# was told matters less) and beside normal-priority hogs (two per core: a
+# build that matters as much). The floor rows are the transport's own tail,
+# waiting for requests as the worker waits: what a worker cannot get under.
 # Each build runs ROUNDS times in turn under each load; prints, per load,
 # protocol and build, the medians over the rounds of the mean, p50, p99,
 # p99.9 and the share of requests over 2 ms (about one scheduler tick at
@@ -70,9 +71,13 @@ measure() {
   shift
   for ((round = 1; round <= rounds; round++)); do
     for protocol in ${TAIL_PROTOCOLS:-bazel buck2}; do
-      python=$work/python-grpc floor=$floor_grpc
-      [[ $protocol == buck2 ]] || python=$work/python-bazel floor="$floor_proto --write"
-      for b in "python=$python" "floor=$floor" "$@"; do
+      # Buck2's two floors: answered on gRPC's thread, and from a thread of
+      # the worker's own pool (beside normal-priority hogs the first had
+      # 10-14 % of requests over 2 ms where the worker had 7-12 %).
+      python=$work/python-grpc
+      floors=("floor=$floor_grpc" "floor-pool=$floor_grpc --answer-from-pool")
+      [[ $protocol == buck2 ]] || python=$work/python-bazel floors=("floor=$floor_proto --write")
+      for b in "python=$python" "${floors[@]}" "$@"; do
         local name=${b%%=*} cmd
         read -r -a cmd <<<"${b#*=}"
         local request=(--request --noop)
