@@ -143,8 +143,17 @@ const MAX_AWAKE: usize = 1;
 /// How long to stay awake after a job paced `pace`, the pool's last gap
 /// being `last_gap`. A gap longer than the maximum (a client that paused)
 /// gives the minimum, so that an idle worker spends one short wait awake
-/// before it sleeps, not a long one.
-pub(crate) fn stay_awake(pace: Pace, last_gap: Duration) -> Duration {
+/// before it sleeps, not a long one. Public so that the benchmark floors
+/// wait by the worker's rule.
+///
+/// ```
+/// use std::time::Duration;
+/// use persistent_worker::pool::{stay_awake, Pace};
+/// // A lockstep client that came back after 40 µs is waited for 60 µs.
+/// let gap = Duration::from_micros(40);
+/// assert_eq!(stay_awake(Pace::Lockstep, gap), Duration::from_micros(60));
+/// ```
+pub fn stay_awake(pace: Pace, last_gap: Duration) -> Duration {
     if pace == Pace::Free || last_gap > STAY_AWAKE_MAX {
         return STAY_AWAKE_MIN;
     }

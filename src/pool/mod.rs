@@ -38,7 +38,7 @@ mod idle;
 mod ticket;
 mod timer;
 
-pub(crate) use idle::stay_awake;
+pub use idle::stay_awake;
 use idle::Idle;
 pub use ticket::{Ticket, CANCEL_GRACE, TIMEOUT_GRACE};
 use timer::Timer;
