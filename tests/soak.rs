@@ -1,15 +1,22 @@
-//! Soak: many requests through a Bazel front end, nothing lost. Ignored by
+//! Soak: many requests through each front end, nothing lost. Ignored by
 //! default; `ci/soak.sh N` runs them with `SOAK_REQUESTS=N` (default 10,000).
 //!
 //! Every request writes its own file, whose content is checked; every id is
 //! answered exactly once; cancelled requests are flagged and write nothing.
 //! Threads and RSS are sampled after 10 % and after 100 % of the requests and
-//! must be flat: the same thread count, and RSS within 512 KiB or 56 bytes
-//! per request between the samples, whichever is more. The slack is for
-//! allocator arenas, page-cache effects and gRPC's pools in the worker
-//! (steady runs of 10,000 move by 100 to 310 KiB); a leak of 64 bytes per
-//! request, 562 KiB over the 9,000 requests between the samples of CI's
-//! 10,000, exceeds it, as it does at any larger count.
+//! must be flat: the same thread count, and RSS within 512 KiB or 40 bytes
+//! per request between the samples, whichever is more.
+//!
+//! The slack is for memory that settles rather than leaks: allocator arenas
+//! (a thread's first allocation may open one), gRPC's per-connection buffers.
+//! It settles slowly where 16 connections are served at once: in a debug
+//! build the Buck2 Execute soak grows by 300 to 500 KiB over its first 10,000
+//! requests (once, in CI, by 520, over the slack of the time), and by another
+//! 260 to 580 KiB over the next 40,000, loaded or not; a release build moved
+//! by 30 KiB from 170,000 to 320,000. So that soak runs N requests unmeasured
+//! and samples at the start and the end of 4N more: there a leak of one
+//! 56-byte allocation a request added 3.2 MiB against 1.5 MiB of slack. The
+//! other soaks, which moved by at most 300 KiB, sample from the 10 % mark.
 
 mod common;
 mod fault_support;
@@ -23,7 +30,7 @@ use common::{cancel, request, Worker};
 use fault_support::threads_and_rss;
 
 const RSS_SLACK_KIB: u64 = 512;
-const RSS_SLACK_BYTES_PER_REQUEST: u64 = 56;
+const RSS_SLACK_BYTES_PER_REQUEST: u64 = 40;
 
 fn requests() -> i32 {
     std::env::var("SOAK_REQUESTS")
@@ -190,7 +197,8 @@ fn soak_bazel_json_singleplex() {
     worker.finish_cleanly();
 }
 
-/// Buck2 Execute from 16 clients at once, each on its own connection.
+/// Buck2 Execute from 16 clients at once, each on its own connection: N
+/// requests to let memory settle (see the module's note), then 4N measured.
 #[test]
 #[ignore = "soak; run by ci/soak.sh"]
 fn soak_buck2_execute_from_16_clients() {
@@ -208,9 +216,9 @@ fn soak_buck2_execute_from_16_clients() {
     let pid = worker.pid() as i32;
 
     let answered = Arc::new(AtomicI32::new(0));
-    // Each client reports when it is a tenth of the way through.
-    let (tenth_tx, tenth) = crossbeam_channel::bounded::<()>(CLIENTS as usize);
-    let per_client = n / CLIENTS;
+    // Each client reports when it is through its settling fifth.
+    let (settled_tx, settled) = crossbeam_channel::bounded::<()>(CLIENTS as usize);
+    let per_client = n / CLIENTS * 5;
     let n = per_client * CLIENTS;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
@@ -218,12 +226,12 @@ fn soak_buck2_execute_from_16_clients() {
             let socket = socket.clone();
             let dir = dir.path().to_path_buf();
             let answered = Arc::clone(&answered);
-            let tenth_tx = tenth_tx.clone();
+            let settled_tx = settled_tx.clone();
             std::thread::spawn(move || {
                 let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
                 for k in 0..per_client {
-                    if k == per_client / 10 {
-                        let _ = tenth_tx.send(());
+                    if k == per_client / 5 {
+                        let _ = settled_tx.send(());
                     }
                     let id = c * per_client + k + 1;
                     let mut command = ExecuteCommand::new();
@@ -240,11 +248,11 @@ fn soak_buck2_execute_from_16_clients() {
             })
         })
         .collect();
-    drop(tenth_tx);
+    drop(settled_tx);
     for _ in 0..CLIENTS {
-        tenth
-            .recv_timeout(common::WAIT * 3)
-            .expect("a client stalled or failed before a tenth of its requests");
+        settled
+            .recv_timeout(common::WAIT * 6)
+            .expect("a client stalled or failed before a fifth of its requests");
     }
     let mut samples = Vec::new();
     let (threads, rss_kib) = threads_and_rss(pid);
