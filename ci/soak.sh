@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Soak and load: first the fault and integration tests with every core kept
 # busy by other work (a timing assumption that only holds on an idle machine
-# shows up here as a failure), then N requests through each front end with
-# nothing lost and threads/RSS flat (the Buck2 Execute soak first runs N
-# to let memory settle, then measures 4N: see tests/soak.rs).
+# shows up here as a failure), then through each front end N requests to let
+# memory settle and 4N more with nothing lost and threads/RSS flat (see
+# tests/soak.rs).
 # Usage: ci/soak.sh [N]          (default 10000)
 #   SOAK_PROFILE=debug|release   build to test (default debug)
 set -euo pipefail
@@ -55,6 +55,6 @@ cargo test "${release[@]}" --quiet --test faults --test bazel_worker --test buck
 check_hogs "all of the test run"
 stop_hogs
 
-echo "soak: $requests requests per front end (Buck2 Execute: $requests to settle, then 4x measured), $profile build"
+echo "soak: $requests requests per front end to settle, then 4x$requests measured, $profile build"
 SOAK_REQUESTS=$requests cargo test "${release[@]}" --quiet --test soak -- --ignored --nocapture --test-threads 1 \
     | grep -oE 'soak [a-z].*|test result.*'

@@ -3,20 +3,21 @@
 //!
 //! Every request writes its own file, whose content is checked; every id is
 //! answered exactly once; cancelled requests are flagged and write nothing.
-//! Threads and RSS are sampled after 10 % and after 100 % of the requests and
-//! must be flat: the same thread count, and RSS within 512 KiB or 40 bytes
-//! per request between the samples, whichever is more.
+//! Each soak runs N requests to let memory settle, then samples threads and
+//! RSS, runs 4N more and samples again. Both must be flat: the same thread
+//! count, and RSS within 512 KiB or 40 bytes a request between the samples,
+//! whichever is more (1.5 MiB at N = 10,000).
 //!
 //! The slack is for memory that settles rather than leaks: allocator arenas
 //! (a thread's first allocation may open one), gRPC's per-connection buffers.
-//! It settles slowly where 16 connections are served at once: in a debug
-//! build the Buck2 Execute soak grows by 300 to 500 KiB over its first 10,000
-//! requests (once, in CI, by 520, over the slack of the time), and by another
-//! 260 to 580 KiB over the next 40,000, loaded or not; a release build moved
-//! by 30 KiB from 170,000 to 320,000. So that soak runs N requests unmeasured
-//! and samples at the start and the end of 4N more: there a leak of one
-//! 56-byte allocation a request added 3.2 MiB against 1.5 MiB of slack. The
-//! other soaks, which moved by at most 300 KiB, sample from the 10 % mark.
+//! It settles slowly where many requests are in flight. Sampled from the
+//! 1,000th request to the 10,000th, as the soaks once were, a debug build
+//! moved by up to 316 KiB in the Bazel multiplex soak (64 in flight) and by
+//! 300 to 520 in the Buck2 Execute one (16 connections; 520 failed a CI run);
+//! after the settling 10,000, the latter moved by 260 to 580 KiB over 40,000,
+//! loaded or not, and a release build by 30 KiB from 170,000 to 320,000. A
+//! leak of one 56-byte allocation a request added 3.2 MiB there, and 2.6 to
+//! 2.8 MiB in the Bazel soaks, which settled moved by 0 to 100 KiB.
 
 mod common;
 mod fault_support;
@@ -32,11 +33,15 @@ use fault_support::threads_and_rss;
 const RSS_SLACK_KIB: u64 = 512;
 const RSS_SLACK_BYTES_PER_REQUEST: u64 = 40;
 
-fn requests() -> i32 {
-    std::env::var("SOAK_REQUESTS")
+/// How many requests a soak runs, and after how many it takes its first
+/// sample: N (`SOAK_REQUESTS`, default 10,000) to let memory settle, then 4N
+/// between the samples.
+fn soak_counts() -> (i32, i32) {
+    let n: i32 = std::env::var("SOAK_REQUESTS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000)
+        .unwrap_or(10_000);
+    (n, 5 * n)
 }
 
 /// A tiny deterministic generator, so a failing run can be repeated.
@@ -100,7 +105,7 @@ fn report(front_end: &str, n: i32, started: Instant, samples: &[Sample], extra: 
 #[test]
 #[ignore = "soak; run by ci/soak.sh"]
 fn soak_bazel_proto_multiplex_64_in_flight_with_cancels() {
-    let n = requests();
+    let (settle, n) = soak_counts();
     let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&["--concurrency", "8"], dir.path());
     let mut rng = Lcg(0x5eed);
@@ -139,7 +144,7 @@ fn soak_bazel_proto_multiplex_64_in_flight_with_cancels() {
             check_written(dir.path(), id);
         }
         answered += 1;
-        if answered == n / 10 || answered == n {
+        if answered == settle || answered == n {
             let (threads, rss_kib) = threads_and_rss(worker.pid());
             samples.push(Sample {
                 at: answered,
@@ -158,7 +163,7 @@ fn soak_bazel_proto_multiplex_64_in_flight_with_cancels() {
 #[test]
 #[ignore = "soak; run by ci/soak.sh"]
 fn soak_bazel_json_singleplex() {
-    let n = requests();
+    let (settle, n) = soak_counts();
     let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker::start(&["--worker-protocol", "json"], dir.path());
     let mut sent = std::collections::VecDeque::new();
@@ -184,7 +189,7 @@ fn soak_bazel_json_singleplex() {
         );
         check_written(dir.path(), expected);
         answered += 1;
-        if answered == n / 10 || answered == n {
+        if answered == settle || answered == n {
             let (threads, rss_kib) = threads_and_rss(worker.pid());
             samples.push(Sample {
                 at: answered,
@@ -197,8 +202,7 @@ fn soak_bazel_json_singleplex() {
     worker.finish_cleanly();
 }
 
-/// Buck2 Execute from 16 clients at once, each on its own connection: N
-/// requests to let memory settle (see the module's note), then 4N measured.
+/// Buck2 Execute from 16 clients at once, each on its own connection.
 #[test]
 #[ignore = "soak; run by ci/soak.sh"]
 fn soak_buck2_execute_from_16_clients() {
@@ -209,17 +213,18 @@ fn soak_buck2_execute_from_16_clients() {
     use std::sync::Arc;
 
     const CLIENTS: i32 = 16;
-    let n = requests();
+    let (settle, n) = soak_counts();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("socket");
     let worker = Buck2Worker::start_at(dir.path(), &socket, &["--concurrency", "8"]);
     let pid = worker.pid() as i32;
 
     let answered = Arc::new(AtomicI32::new(0));
-    // Each client reports when it is through its settling fifth.
+    // Each client reports when it is through its share of the settling N.
     let (settled_tx, settled) = crossbeam_channel::bounded::<()>(CLIENTS as usize);
-    let per_client = n / CLIENTS * 5;
+    let per_client = n / CLIENTS;
     let n = per_client * CLIENTS;
+    let settle_per_client = settle / CLIENTS;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -230,7 +235,7 @@ fn soak_buck2_execute_from_16_clients() {
             std::thread::spawn(move || {
                 let conn = service::connect(Arc::new(Environment::new(1)), &socket).unwrap();
                 for k in 0..per_client {
-                    if k == per_client / 5 {
+                    if k == settle_per_client {
                         let _ = settled_tx.send(());
                     }
                     let id = c * per_client + k + 1;
@@ -252,7 +257,7 @@ fn soak_buck2_execute_from_16_clients() {
     for _ in 0..CLIENTS {
         settled
             .recv_timeout(common::WAIT * 6)
-            .expect("a client stalled or failed before a fifth of its requests");
+            .expect("a client stalled or failed before its share of the settling N");
     }
     let mut samples = Vec::new();
     let (threads, rss_kib) = threads_and_rss(pid);
@@ -295,7 +300,7 @@ fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
     }
 
     const PER_CALL: i32 = 500;
-    let n = requests();
+    let (settle, n) = soak_counts();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("socket");
     let worker = Buck2Worker::start_at(dir.path(), &socket, &["--concurrency", "8"]);
@@ -345,7 +350,7 @@ fn soak_buck2_execute_stream_64_in_flight_with_client_drops() {
             assert_eq!(response.exit_code, 0, "{}", response.stderr);
             check_written(dir.path(), id);
             answered += 1;
-            if samples.is_empty() && answered >= n / 10 {
+            if samples.is_empty() && answered >= settle {
                 let (threads, rss_kib) = threads_and_rss(pid);
                 samples.push(Sample {
                     at: answered,
