@@ -17,7 +17,7 @@
 //! after the settling 10,000, the latter moved by 260 to 580 KiB over 40,000,
 //! loaded or not, and a release build by 30 KiB from 170,000 to 320,000. A
 //! leak of one 56-byte allocation a request added 3.2 MiB there, and 2.6 to
-//! 2.8 MiB in the Bazel soaks, which settled moved by 0 to 100 KiB.
+//! 2.8 MiB in the Bazel soaks, which settled moved by 0 to 380 KiB.
 
 mod common;
 mod fault_support;
