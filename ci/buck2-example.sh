@@ -330,6 +330,9 @@ start_build() {
   local logs=$1
   shift
   mkdir -p "$logs"
+  # The workers of the command before may still be running: Buck2 sends
+  # them SIGTERM only as this build starts. They are not this build's.
+  workers_before=$(python3 "$check" procs "$project" --workers | cut -f1 | paste -sd, -) || true
   # A background job starts with SIGINT ignored: give it back to the client.
   (cd "$project" && exec env --default-signal=INT timeout -k 10 "$b2_timeout" \
     buck2 build "${jobs[@]}" -v stderr "$@" >"$logs/build.stdout" 2>"$logs/build.stderr") &
@@ -342,8 +345,9 @@ start_build() {
 # redirects it).
 fault_worker_requests() {
   local socket
-  wait_for 60 "fault worker" python3 "$check" procs "$project" --workers --match verbose
-  read -r victim socket _ < <(python3 "$check" procs "$project" --workers --match verbose)
+  local ours=(procs "$project" --workers --match verbose --exclude "$workers_before")
+  wait_for 60 "fault worker" python3 "$check" "${ours[@]}"
+  read -r victim socket _ < <(python3 "$check" "${ours[@]}")
   worker_log="$(dirname "$socket")/stderr"
   wait_for 60 "$1 request(s) in the worker ($worker_log)" \
     python3 "$check" count "$worker_log" " started:" "$1"

@@ -10,12 +10,13 @@
         were running at one instant (--peak: at least N), each one's run
         time (--min-ms: none shorter), first start to last end
         (--span-below-ms: shorter than MS)
-    procs PROJECT [--workers] [--match REGEX]
+    procs PROJECT [--workers] [--match REGEX] [--exclude PID,PID...]
         lists the processes working for PROJECT (working directory at or
         under it, or PROJECT in the command line), with --workers only the
         Buck2 workers among them (WORKER_SOCKET in their environment), with
-        --match only those whose command line REGEX matches, as
-        "PID<TAB>WORKER_SOCKET<TAB>COMMAND"; exit 1 when there is none
+        --match only those whose command line REGEX matches, with --exclude
+        none of the PIDs listed, as "PID<TAB>WORKER_SOCKET<TAB>COMMAND";
+        exit 1 when there is none
     count FILE TEXT N
         exit 0 when FILE holds TEXT at least N times
 
@@ -256,11 +257,11 @@ def timing(log_show_path, peak=None, min_ms=None, span_below_ms=None):
     done(errors, "OK: timing as expected")
 
 
-def procs(project, workers_only=False, match=None):
+def procs(project, workers_only=False, match=None, exclude=()):
     project = os.path.realpath(project)
     # This process and the ones that started it (timeout, the script) may
     # name the project in their command lines: they are not what is sought.
-    own = set()
+    own = set(exclude)
     pid = os.getpid()
     while pid > 1 and pid not in own:
         own.add(pid)
@@ -327,7 +328,9 @@ def main(argv):
     elif cmd == "procs":
         rest = args[1:]
         match = rest[rest.index("--match") + 1] if "--match" in rest else None
-        procs(args[0], workers_only="--workers" in rest, match=match)
+        exclude = rest[rest.index("--exclude") + 1] if "--exclude" in rest else ""
+        procs(args[0], workers_only="--workers" in rest, match=match,
+              exclude={int(p) for p in exclude.split(",") if p})
     elif cmd == "count":
         count(args[0], args[1], int(args[2]))
     else:

@@ -755,6 +755,33 @@ fn sigterm_cancels_what_outlives_the_grace_period() {
     });
 }
 
+/// Buck2 ends the worker of one command with SIGTERM when the next command
+/// starts, and sends SIGKILL 10 s later (`build.persistent_worker_shutdown_timeout_s`).
+/// A worker that has answered a timed-out request must still be gone well
+/// before that.
+#[test]
+fn sigterm_after_a_timed_out_request_exits_at_once() {
+    within(Duration::from_secs(30), || {
+        let d = tempfile::tempdir().unwrap();
+        let mut worker = Worker::start(d.path(), &["--verbose", "--concurrency", "2"]);
+        let conn = worker.connect(env());
+        let mut c = command(&["--work-ms", "30000", "slow"]);
+        c.timeout_s = Some(1);
+        let response = execute(&conn, &c);
+        assert_eq!(response.timed_out_after_s, Some(1), "{}", response.stderr);
+        worker.expect_line("finished: exit code 1, timed out", Duration::from_secs(5));
+        let began = Instant::now();
+        worker.signal(libc::SIGTERM);
+        let (status, log) = worker.finish(Duration::from_secs(8));
+        let took = began.elapsed();
+        assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+        assert!(
+            took < Duration::from_secs(3),
+            "exited {took:?} after SIGTERM"
+        );
+    });
+}
+
 #[test]
 fn sigterm_does_not_wait_for_a_tool_that_ignores_cancellation() {
     within(Duration::from_secs(30), || {
