@@ -20,6 +20,11 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
+    // JSON's escapes only. The protobuf JSON parser behind the fast path also
+    // takes C's octal ones, and `\777` overflows its byte arithmetic: a panic
+    // in a debug build, a wrong byte in a release one. The object is read to
+    // its end first, so the stream stays at an object boundary.
+    let mut bad_escape = None;
     loop {
         let buf = match input.fill_buf() {
             Ok(buf) => buf,
@@ -54,7 +59,12 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
             object.push(byte);
             if in_string {
                 match (escaped, byte) {
-                    (true, _) => escaped = false,
+                    (true, _) => {
+                        escaped = false;
+                        if !b"\"\\/bfnrtu".contains(&byte) {
+                            bad_escape.get_or_insert(byte);
+                        }
+                    }
                     (false, b'\\') => escaped = true,
                     (false, b'"') => in_string = false,
                     _ => {}
@@ -87,7 +97,13 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
             });
         }
         if complete {
-            return Ok(Some(object));
+            return match bad_escape {
+                None => Ok(Some(object)),
+                Some(byte) => Err(FrameError::Malformed(format!(
+                    "\\{} is not a JSON escape (JSON has \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)",
+                    byte.escape_ascii()
+                ))),
+            };
         }
     }
 }
@@ -128,6 +144,25 @@ mod tests {
         ));
         assert!(matches!(objects("[1]"), Err(FrameError::Malformed(_))));
         assert!(matches!(objects("{} x"), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn only_json_escapes_are_taken_and_the_stream_goes_on_after_the_object() {
+        let mut reader = std::io::BufReader::with_capacity(
+            3,
+            &br#"{"a":["\777"]} {"b":"\"\\\/\b\f\n\r\t\u00e7"}"#[..],
+        );
+        let err = read_object(&mut reader, 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("\\7 is not a JSON escape"),
+            "{err}"
+        );
+        let next = read_object(&mut reader, 1 << 20).unwrap().unwrap();
+        assert!(
+            next.starts_with(b"{\"b\""),
+            "{}",
+            String::from_utf8_lossy(&next)
+        );
     }
 
     #[test]
