@@ -261,7 +261,7 @@ def procs(project, workers_only=False, match=None, exclude=()):
     project = os.path.realpath(project)
     # This process and the ones that started it (timeout, the script) may
     # name the project in their command lines: they are not what is sought.
-    own = set(exclude)
+    own = set()
     pid = os.getpid()
     while pid > 1 and pid not in own:
         own.add(pid)
@@ -272,7 +272,7 @@ def procs(project, workers_only=False, match=None, exclude=()):
             break
     found = []
     for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
-        if int(pid) in own:
+        if int(pid) in own or int(pid) in exclude:
             continue
         try:
             with open("/proc/%s/stat" % pid, encoding="utf-8") as f:
