@@ -13,6 +13,14 @@ use super::framing::FrameError;
 /// skips, so 100k `[` would exhaust the reading thread's stack.
 pub const MAX_DEPTH: usize = 100;
 
+/// The first thing seen that JSON does not have.
+enum NotJson {
+    /// The byte after a backslash in a string.
+    Escape(u8),
+    /// A byte outside strings that begins no JSON token.
+    Byte(u8),
+}
+
 /// Reads the next top-level object's bytes. `Ok(None)` is end of input with
 /// only whitespace since the last object.
 pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
@@ -20,11 +28,15 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
-    // JSON's escapes only. The protobuf JSON parser behind the fast path also
-    // takes C's octal ones, and `\777` overflows its byte arithmetic: a panic
-    // in a debug build, a wrong byte in a release one. The object is read to
-    // its end first, so the stream stays at an object boundary.
-    let mut bad_escape = None;
+    // JSON's grammar only. The protobuf JSON parser behind the fast path
+    // shares a lexer with the text format: it takes C's octal escapes, and
+    // `\777` overflows its byte arithmetic (a panic in a debug build, a wrong
+    // byte in a release one), and it takes single-quoted strings, inside which
+    // the same escapes reach it. So an escape JSON lacks, and outside strings
+    // any byte no JSON token has (a quote `'`, a backslash, a comment's `/`),
+    // makes the object malformed. It is read to its end first, by JSON's rules,
+    // so the stream stays at an object boundary.
+    let mut not_json: Option<NotJson> = None;
     loop {
         let buf = match input.fill_buf() {
             Ok(buf) => buf,
@@ -62,7 +74,7 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
                     (true, _) => {
                         escaped = false;
                         if !b"\"\\/bfnrtu".contains(&byte) {
-                            bad_escape.get_or_insert(byte);
+                            not_json.get_or_insert(NotJson::Escape(byte));
                         }
                     }
                     (false, b'\\') => escaped = true,
@@ -82,7 +94,12 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
                     }
                 }
                 b'}' | b']' => depth = depth.saturating_sub(1),
-                _ => {}
+                // Numbers, `true`, `false`, `null`, separators, whitespace.
+                b',' | b':' | b'-' | b'+' | b'.' | b' ' | b'\t' | b'\n' | b'\r' => {}
+                _ if byte.is_ascii_alphanumeric() => {}
+                _ => {
+                    not_json.get_or_insert(NotJson::Byte(byte));
+                }
             }
             if depth == 0 {
                 complete = true;
@@ -97,10 +114,14 @@ pub fn read_object(input: &mut impl BufRead, max: usize) -> Result<Option<Vec<u8
             });
         }
         if complete {
-            return match bad_escape {
+            return match not_json {
                 None => Ok(Some(object)),
-                Some(byte) => Err(FrameError::Malformed(format!(
+                Some(NotJson::Escape(byte)) => Err(FrameError::Malformed(format!(
                     "\\{} is not a JSON escape (JSON has \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)",
+                    byte.escape_ascii()
+                ))),
+                Some(NotJson::Byte(byte)) => Err(FrameError::Malformed(format!(
+                    "`{}` outside a string is not JSON",
                     byte.escape_ascii()
                 ))),
             };
@@ -163,6 +184,27 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&next)
         );
+    }
+
+    #[test]
+    fn bytes_no_json_token_has_are_refused_and_the_stream_goes_on() {
+        // A single-quoted string carries the octal escape past the check of
+        // escapes in double-quoted ones; a comment, a backslash, likewise.
+        for (input, named) in [
+            (r#"{"arguments":['\777']} {"b":1}"#, "`\\'`"),
+            (r#"{"a":1 /* c */} {"b":1}"#, "`/`"),
+            (r#"{"a":\7} {"b":1}"#, "`\\\\`"),
+            (r#"{"a":#} {"b":1}"#, "`#`"),
+        ] {
+            let mut reader = std::io::BufReader::with_capacity(3, input.as_bytes());
+            let err = read_object(&mut reader, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains(named), "{input}: {err}");
+            let next = read_object(&mut reader, 1 << 20).unwrap().unwrap();
+            assert_eq!(next, b"{\"b\":1}", "{input}");
+        }
+        // Everything JSON has outside strings still passes.
+        let all = r#"{"a":[-1.5e+3,2E-1,true,false,null],"b":{},	"c":""}"#;
+        assert_eq!(objects(all).unwrap(), vec![all.to_string()]);
     }
 
     #[test]
