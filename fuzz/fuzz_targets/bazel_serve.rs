@@ -6,6 +6,7 @@
 
 use std::io::{BufReader, Write};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use persistent_worker::bazel::worker::{serve, Config};
@@ -37,10 +38,33 @@ fn cwd() -> &'static std::path::Path {
     .path()
 }
 
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
+}
+
+/// Waits until the threads `serve` left behind have ended. On a malformed
+/// stream it returns without joining its threads (the worker exits then);
+/// here they would live on into the next input, or into the process's exit,
+/// where the leak check, meeting one half started or half ended, reports
+/// what it was handed as leaked (178 bytes in 6 allocations, once in a
+/// 600 s run, blamed on no input).
+fn wait_for_threads(before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads() > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads left by serve still running after 10 s",
+            threads() - before
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, stdin)) = data.split_first() else {
         return;
     };
+    let before = threads();
     let format = if selector & 1 == 0 {
         WireFormat::Proto
     } else {
@@ -64,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
         ),
         Box::new(output.clone()),
     );
+    wait_for_threads(before);
 
     // What a client would read: whole responses and nothing else.
     let written = output.0.lock().unwrap().clone();
