@@ -23,6 +23,9 @@ if [ ! -d "$seeds" ] || [ -z "$(ls -A "$seeds")" ]; then
   exit 2
 fi
 mkdir -p "$corpus"
+# Leaks libFuzzer checks for between inputs, less glibc's own bookkeeping
+# (ci/lsan.supp says which and why).
+export LSAN_OPTIONS="suppressions=$PWD/ci/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
@@ -35,7 +38,13 @@ grep -aE '^#[0-9]+' "$log" | tail -n 1 || true
 execs=$(grep -aE '^stat::number_of_executed_units:' "$log" | awk '{print $2}')
 peak=$(grep -aE '^stat::peak_rss_mb:' "$log" | awk '{print $2}')
 if [ "$status" -ne 0 ]; then
-  tail -n 60 "$log" >&2
+  # The whole sanitizer report (a leak's allocation stacks come first and
+  # run long), or the log's end when there is none.
+  if grep -qaE '^==[0-9]+==ERROR' "$log"; then
+    sed -n '/^==[0-9]*==ERROR/,$p' "$log" | head -n 600 >&2
+  else
+    tail -n 60 "$log" >&2
+  fi
   echo "fuzz $target: FAILED after ${execs:-?} executions (exit $status)" >&2
   exit "$status"
 fi
