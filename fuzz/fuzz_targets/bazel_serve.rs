@@ -39,15 +39,16 @@ fn cwd() -> &'static std::path::Path {
 }
 
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
+    std::fs::read_dir("/proc/self/task")
+        .expect("listing /proc/self/task")
+        .count()
 }
 
 /// Waits until the threads `serve` left behind have ended. On a malformed
 /// stream it returns without joining its threads (the worker exits then);
-/// here they would live on into the next input, or into the process's exit,
-/// where the leak check, meeting one half started or half ended, reports
-/// what it was handed as leaked (178 bytes in 6 allocations, once in a
-/// 600 s run, blamed on no input).
+/// here they would live on into the next input or the process's exit, and
+/// the leak checks would judge memory they still hold. Waiting keeps each
+/// input whole.
 fn wait_for_threads(before: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while threads() > before {
